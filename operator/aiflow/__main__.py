@@ -1,0 +1,5 @@
+import sys
+
+from aiflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Validation, defaults and types of the AIFlow API."""

@@ -1,0 +1,1 @@
+"""kopf handlers, cluster observation, apply and rescheduling (I/O)."""

@@ -1,0 +1,1 @@
+"""The data plane: captioning model, codecs, Triton stages, client and local runtime."""

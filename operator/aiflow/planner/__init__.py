@@ -1,0 +1,1 @@
+"""Cost model and placement/partition solver (pure functions)."""

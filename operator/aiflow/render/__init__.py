@@ -1,0 +1,1 @@
+"""AIFlow spec + placement -> Kubernetes manifests (pure functions)."""

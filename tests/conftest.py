@@ -1,0 +1,6 @@
+"""Shared fixtures live in fixture modules next to the tests that own them."""
+
+pytest_plugins = [
+    "tests.kube.fixtures",  # emulated Kubernetes API server
+    "tests.flow.fixtures",  # real tritonserver processes, trained model family
+]

@@ -1,0 +1,1 @@
+"""Fixtures: real tritonserver processes and the trained captioner family."""

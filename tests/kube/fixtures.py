@@ -1,0 +1,1 @@
+"""Fixtures: an emulated Kubernetes API server."""
