@@ -1,0 +1,149 @@
+"""The AIFlow spec as plain, typed data.
+
+`parse_flow` takes a manifest that passed validation, fills in the CRD's defaults and returns a
+`Flow`; the planner and the renderer work on that, never on raw dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiflow.api.schema import apply_defaults
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class StageParameters:
+    """Partition knobs; None keeps the model's config.pbtxt value."""
+
+    split_layer: int | None = None
+    codec: str | None = None
+    decoding: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    model: str
+    tier: str = AUTO  # device | edge | cloud | auto
+    replicas: int = 1
+    resources: dict = field(default_factory=dict)  # Kubernetes ResourceRequirements
+    parameters: StageParameters = StageParameters()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelRepository:
+    path: str = "/opt/aiflow/model_repo"
+    claim_name: str | None = None  # PersistentVolumeClaim mounted read-only at `path`
+    sub_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Triton:
+    image: str
+    image_pull_policy: str = "IfNotPresent"
+    model_repository: ModelRepository = ModelRepository()
+
+
+@dataclass(frozen=True)
+class Link:
+    """Declared network conditions from one tier to another."""
+
+    from_tier: str
+    to_tier: str
+    bandwidth_mbps: float
+    rtt_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Objective:
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Rescheduling:
+    enabled: bool = False
+    interval_seconds: int = 60
+    min_improvement_percent: int = 10
+    cooldown_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One AIFlow: identity (for names and ownerReferences) plus its defaulted spec."""
+
+    name: str
+    namespace: str
+    stages: tuple[Stage, ...]
+    triton: Triton
+    uid: str = ""
+    generation: int = 0
+    links: tuple[Link, ...] = ()
+    objective: Objective = Objective()
+    rescheduling: Rescheduling = Rescheduling()
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def link(self, from_tier: str, to_tier: str) -> Link | None:
+        """The declared link from -> to, else the reverse one (links are symmetric unless both
+        directions are declared), else None."""
+        for a, b in ((from_tier, to_tier), (to_tier, from_tier)):
+            for link in self.links:
+                if (link.from_tier, link.to_tier) == (a, b):
+                    return link
+        return None
+
+
+def parse_flow(manifest: dict, namespace: str = "default") -> Flow:
+    """A validated AIFlow manifest -> Flow, with the CRD's defaults applied. `namespace` is used
+    when the manifest does not name one."""
+    doc = apply_defaults(manifest)
+    meta = doc.get("metadata") or {}
+    spec = doc["spec"]
+    return Flow(
+        name=meta["name"],
+        namespace=meta.get("namespace") or namespace,
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 0),
+        stages=tuple(_stage(s) for s in spec["stages"]),
+        triton=_triton(spec["triton"]),
+        links=tuple(
+            Link(l["from"], l["to"], float(l["bandwidthMbps"]), float(l.get("rttMs", 0)))
+            for l in spec.get("links") or ()
+        ),
+        objective=Objective(latency_ms=(spec.get("objective") or {}).get("latencyMs")),
+        rescheduling=Rescheduling(
+            enabled=spec["rescheduling"]["enabled"],
+            interval_seconds=spec["rescheduling"]["intervalSeconds"],
+            min_improvement_percent=spec["rescheduling"]["minImprovementPercent"],
+            cooldown_seconds=spec["rescheduling"]["cooldownSeconds"],
+        ),
+    )
+
+
+def _stage(s: dict) -> Stage:
+    p = s.get("parameters") or {}
+    return Stage(
+        name=s["name"],
+        model=s["model"],
+        tier=s["tier"],
+        replicas=int(s["replicas"]),
+        resources={k: dict(v) for k, v in (s.get("resources") or {}).items()},
+        parameters=StageParameters(p.get("splitLayer"), p.get("codec"), p.get("decoding")),
+        env=tuple((e["name"], e.get("value", "")) for e in s.get("env") or ()),
+    )
+
+
+def _triton(t: dict) -> Triton:
+    repo = t["modelRepository"]
+    pvc = repo.get("persistentVolumeClaim") or {}
+    return Triton(
+        image=t["image"],
+        image_pull_policy=t["imagePullPolicy"],
+        model_repository=ModelRepository(
+            path=repo["path"], claim_name=pvc.get("claimName"), sub_path=pvc.get("subPath") or None
+        ),
+    )

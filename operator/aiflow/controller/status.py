@@ -1,0 +1,226 @@
+"""The status of an AIFlow, computed from what reconcile found (pure).
+
+Conditions follow the Kubernetes API conventions: `type`, `status`, `reason` (CamelCase),
+`message`, `lastTransitionTime` (changes only when `status` flips) and `observedGeneration`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiflow.api.problems import Problem
+from aiflow.api.spec import Flow
+from aiflow.planner.placement import Placement
+from aiflow.render.manifests import MODEL_ANNOTATION, TIER_ANNOTATION, service_endpoint
+from aiflow.render.names import STAGE_LABEL, object_name
+
+READY, SPEC_VALID, TIERS_SCHEDULABLE = "Ready", "SpecValid", "TiersSchedulable"
+PENDING, PHASE_READY, INVALID, UNSCHEDULABLE = "Pending", "Ready", "Invalid", "Unschedulable"
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: bool | None  # None = Unknown
+    reason: str
+    message: str
+
+    def as_dict(self, generation: int, now: str, previous: dict | None) -> dict:
+        status = {True: "True", False: "False", None: "Unknown"}[self.status]
+        unchanged = previous is not None and previous.get("status") == status
+        return {
+            "type": self.type,
+            "status": status,
+            "reason": self.reason,
+            "message": self.message,
+            "lastTransitionTime": previous.get("lastTransitionTime", now) if unchanged else now,
+            "observedGeneration": generation,
+        }
+
+
+@dataclass(frozen=True)
+class StageState:
+    """What the cluster says about one stage's Deployment."""
+
+    name: str
+    model: str = ""
+    tier: str = ""
+    tier_reason: str = ""
+    replicas: int = 0
+    ready_replicas: int = 0
+    exists: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.exists and self.ready_replicas >= self.replicas > 0
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the status is computed from."""
+
+    generation: int
+    spec_problems: tuple[Problem, ...] = ()
+    tier_problems: tuple[Problem, ...] = ()
+    conflict: str = ""  # a NameConflict message
+    stages: tuple[StageState, ...] = ()
+    placement: Placement | None = None
+    links: tuple[dict, ...] = field(default_factory=tuple)
+
+
+def readiness_signature(deployment: dict) -> tuple:
+    """What of a Deployment bears on the flow's status: a change event without a change here needs
+    no reconcile."""
+    meta, spec, status = (deployment.get(k) or {} for k in ("metadata", "spec", "status"))
+    return (meta.get("generation"), spec.get("replicas"), status.get("observedGeneration"), status.get("readyReplicas"))
+
+
+def deployment_ready_replicas(deployment: dict) -> int:
+    """Ready replicas, counted only once the Deployment controller has seen the current spec."""
+    status = deployment.get("status") or {}
+    observed = status.get("observedGeneration")
+    generation = (deployment.get("metadata") or {}).get("generation")
+    if observed is not None and generation is not None and observed < generation:
+        return 0
+    return int(status.get("readyReplicas") or 0)
+
+
+def stage_states(flow: Flow, placement: Placement | None, deployments: dict[str, dict]) -> tuple[StageState, ...]:
+    """Per stage of the spec, from its live Deployment (by stage name) and its placement."""
+    states = []
+    for stage in flow.stages:
+        dep = deployments.get(stage.name)
+        placed = placement.of(stage.name) if placement else None
+        annotations = ((dep or {}).get("metadata") or {}).get("annotations") or {}
+        states.append(StageState(
+            name=stage.name,
+            model=stage.model,
+            tier=placed.tier if placed else annotations.get(TIER_ANNOTATION, ""),
+            tier_reason=placed.reason if placed else "",
+            replicas=int(((dep or {}).get("spec") or {}).get("replicas", stage.replicas)),
+            ready_replicas=deployment_ready_replicas(dep) if dep else 0,
+            exists=dep is not None,
+        ))
+    return tuple(states)
+
+
+def deployments_by_stage(objects: dict[tuple[str, str], dict]) -> dict[str, dict]:
+    return {
+        (obj["metadata"].get("labels") or {}).get(STAGE_LABEL, name): obj
+        for (kind, name), obj in objects.items() if kind == "Deployment"
+    }
+
+
+def _problems_message(problems) -> str:
+    return "; ".join(str(p) for p in problems)
+
+
+def conditions(obs: Observation) -> list[Condition]:
+    ready_count = sum(s.ready for s in obs.stages)
+    total = len(obs.stages)
+    if obs.spec_problems:
+        valid = Condition(SPEC_VALID, False, "InvalidSpec", _problems_message(obs.spec_problems))
+    else:
+        valid = Condition(SPEC_VALID, True, "Valid", "the spec is valid")
+    if obs.tier_problems:
+        tiers = Condition(TIERS_SCHEDULABLE, False, "NoNodesForTier", _problems_message(obs.tier_problems))
+    elif obs.spec_problems:
+        tiers = Condition(TIERS_SCHEDULABLE, None, "InvalidSpec", "placement waits for a valid spec")
+    else:
+        tiers = Condition(TIERS_SCHEDULABLE, True, "NodesAvailable", "every stage's tier has ready nodes")
+    if obs.spec_problems:
+        ready = Condition(READY, False, "InvalidSpec", "the spec is invalid, see SpecValid: " + valid.message)
+    elif obs.tier_problems:
+        ready = Condition(READY, False, "NoNodesForTier", tiers.message)
+    elif obs.conflict:
+        ready = Condition(READY, False, "NameConflict", obs.conflict)
+    elif total and ready_count == total:
+        ready = Condition(READY, True, "AllStagesReady", f"{ready_count}/{total} stages ready")
+    else:
+        waiting = ", ".join(f"{s.name} ({s.ready_replicas}/{s.replicas} replicas ready)" for s in obs.stages if not s.ready)
+        ready = Condition(READY, False, "StagesNotReady", f"{ready_count}/{total} stages ready; waiting for {waiting}")
+    return [ready, valid, tiers]
+
+
+def phase(obs: Observation) -> str:
+    if obs.spec_problems:
+        return INVALID
+    if obs.tier_problems:
+        return UNSCHEDULABLE
+    if obs.stages and all(s.ready for s in obs.stages) and not obs.conflict:
+        return PHASE_READY
+    return PENDING
+
+
+def build_status(flow: Flow | None, obs: Observation, previous: dict | None, now: str) -> dict:
+    """The full status; `previous` (the current status) keeps lastTransitionTimes. Without a flow
+    (the spec is invalid) the last known stages, placement and links are kept."""
+    previous = previous or {}
+    old_conditions = {c.get("type"): c for c in previous.get("conditions") or ()}
+    status = {
+        "observedGeneration": obs.generation,
+        "phase": phase(obs),
+        "conditions": [c.as_dict(obs.generation, now, old_conditions.get(c.type)) for c in conditions(obs)],
+    }
+    if flow is None:
+        for key in ("readyStages", "placement", "stages", "links"):
+            if key in previous:
+                status[key] = previous[key]
+        return status
+    stages = []
+    for s in obs.stages:
+        entry = {"name": s.name, "model": s.model, "tier": s.tier, "replicas": s.replicas,
+                 "readyReplicas": s.ready_replicas, "ready": s.ready}
+        if s.tier_reason:
+            entry["tierReason"] = s.tier_reason
+        if s.exists:
+            entry["deployment"] = entry["service"] = object_name(flow.name, s.name)
+            entry["endpoint"] = service_endpoint(flow, flow.stage(s.name))
+        stages.append(entry)
+    status["readyStages"] = f"{sum(s.ready for s in obs.stages)}/{len(obs.stages)}"
+    status["placement"] = ", ".join(f"{s.name}:{s.tier}" for s in obs.stages if s.tier)
+    status["stages"] = stages
+    status["links"] = list(obs.links)
+    return status
+
+
+def hop_links(flow: Flow, placement: Placement) -> tuple[dict, ...]:
+    """The declared conditions of every hop of the flow that crosses tiers, in flow order."""
+    hops = []
+    tiers = [placement.of(s.name).tier for s in flow.stages]
+    for a, b in zip(tiers, tiers[1:]):
+        if a == b or any(h["from"] == a and h["to"] == b for h in hops):
+            continue
+        link = flow.link(a, b)
+        if link is None:
+            hops.append({"from": a, "to": b, "source": "Unknown"})
+        else:
+            hops.append({"from": a, "to": b, "bandwidthMbps": link.bandwidth_mbps,
+                         "rttMs": link.rtt_ms, "source": "Declared"})
+    return tuple(hops)
+
+
+def status_patch(new: dict, old: dict | None) -> dict | None:
+    """A merge patch from the old status to the new one (None when equal); keys the new status
+    lacks are removed."""
+    old = old or {}
+    if new == {k: v for k, v in old.items() if k in new} and set(old) <= set(new):
+        return None
+    patch = dict(new)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return {"status": patch}
+
+
+def changed_conditions(new: dict, old: dict | None) -> list[dict]:
+    """Conditions that changed in a way a user should hear about: Ready when its status or reason
+    changes, the others also when their message (the list of problems) changes."""
+    before = {c.get("type"): c for c in (old or {}).get("conditions") or ()}
+    out = []
+    for c in new["conditions"]:
+        prev = before.get(c["type"]) or {}
+        keys = ("status", "reason") if c["type"] == READY else ("status", "reason", "message")
+        if any(prev.get(k) != c[k] for k in keys):
+            out.append(c)
+    return out

@@ -1,0 +1,211 @@
+"""A flow and its placement -> the Kubernetes objects that run it: per stage a Service and a
+Deployment of Triton Inference Server, wired to the next stage through environment variables.
+
+Pure and deterministic: the operator applies exactly what `aiflow render` prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from aiflow import GROUP, KIND, TIER_LABEL, VERSION
+from aiflow.api.spec import Flow, Stage
+from aiflow.planner.placement import Placement, StagePlacement
+from aiflow.render.names import object_name, stage_labels, stage_selector
+
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+CONFIG_HASH_ANNOTATION = "aiflow.io/config-hash"
+MODEL_ANNOTATION = "aiflow.io/model"
+TIER_ANNOTATION = "aiflow.io/tier"
+TRITON_UID = 1000  # the `triton-server` user of the NVIDIA Triton images
+CONTAINER = "triton"
+MODEL_VOLUME = "model-repository"
+
+
+def render(flow: Flow, placement: Placement) -> list[dict]:
+    """Every object the flow owns, in apply order: per stage its Service, then its Deployment."""
+    objects = []
+    for i, stage in enumerate(flow.stages):
+        successor = flow.stages[i + 1] if i + 1 < len(flow.stages) else None
+        objects.append(render_service(flow, stage))
+        objects.append(render_deployment(flow, stage, placement.of(stage.name), successor))
+    return objects
+
+
+def service_endpoint(flow: Flow, stage: Stage) -> str:
+    """The gRPC address of a stage inside the cluster: `<service>.<namespace>.svc:8001`."""
+    return f"{object_name(flow.name, stage.name)}.{flow.namespace}.svc:{GRPC_PORT}"
+
+
+def owner_references(flow: Flow) -> list[dict]:
+    """The flow as controller owner, so that deleting it deletes its objects (garbage collection).
+    Empty when the flow has no uid yet (offline rendering of a manifest never applied)."""
+    if not flow.uid:
+        return []
+    return [{
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": flow.name,
+        "uid": flow.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }]
+
+
+def _metadata(flow: Flow, stage: Stage, annotations: dict | None = None) -> dict:
+    meta = {
+        "name": object_name(flow.name, stage.name),
+        "namespace": flow.namespace,
+        "labels": stage_labels(flow.name, stage.name),
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    refs = owner_references(flow)
+    if refs:
+        meta["ownerReferences"] = refs
+    return meta
+
+
+def render_service(flow: Flow, stage: Stage) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(flow, stage),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": stage_selector(flow.name, stage.name),
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def stage_env(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> list[dict]:
+    """The stage's environment: identity, the next stage's address, partition knobs, user env."""
+    env = {
+        "AIFLOW_FLOW": flow.name,
+        "AIFLOW_STAGE": stage.name,
+        "AIFLOW_TIER": placed.tier,
+    }
+    if successor is not None:
+        env["AIFLOW_NEXT_URL"] = service_endpoint(flow, successor)
+        env["AIFLOW_NEXT_MODEL"] = successor.model
+    knobs = placed.parameters
+    if knobs.split_layer is not None:
+        env["AIFLOW_SPLIT_LAYER"] = str(knobs.split_layer)
+    if knobs.codec is not None:
+        env["AIFLOW_CODEC"] = knobs.codec
+    if knobs.decoding is not None:
+        env["AIFLOW_DECODING"] = knobs.decoding
+    # The root filesystem is read-only: caches of Python libraries go to the writable /tmp.
+    env["HOME"] = "/tmp"
+    env.update(dict(stage.env))
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def _probe(path: str, period: int, failures: int) -> dict:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> dict:
+    repo = flow.triton.model_repository
+    mounts = [
+        {"name": "tmp", "mountPath": "/tmp"},  # Triton and the Python backend write here
+        {"name": "shm", "mountPath": "/dev/shm"},  # Python backend tensors travel via shared memory
+    ]
+    volumes = [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+    ]
+    if repo.claim_name:
+        mount = {"name": MODEL_VOLUME, "mountPath": repo.path, "readOnly": True}
+        if repo.sub_path:
+            mount["subPath"] = repo.sub_path
+        mounts.append(mount)
+        volumes.append({"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": repo.claim_name, "readOnly": True}})
+    container = {
+        "name": CONTAINER,
+        "image": flow.triton.image,
+        "imagePullPolicy": flow.triton.image_pull_policy,
+        "command": ["tritonserver"],
+        "args": [
+            f"--model-repository={repo.path}",
+            "--model-control-mode=explicit",
+            f"--load-model={stage.model}",
+            f"--http-port={HTTP_PORT}",
+            f"--grpc-port={GRPC_PORT}",
+            f"--metrics-port={METRICS_PORT}",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+        ],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "env": stage_env(flow, stage, placed, successor),
+        "resources": stage.resources,
+        # Loading a model (Python backend, torch) can take minutes: the startup probe holds the
+        # liveness probe off until Triton is live.
+        "startupProbe": _probe("/v2/health/live", 5, 120),
+        "livenessProbe": _probe("/v2/health/live", 10, 3),
+        "readinessProbe": _probe("/v2/health/ready", 5, 3),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": mounts,
+    }
+    return {
+        "nodeSelector": {TIER_LABEL: placed.tier},
+        "tolerations": [{"key": TIER_LABEL, "operator": "Equal", "value": placed.tier, "effect": "NoSchedule"}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRITON_UID,
+            "runAsGroup": TRITON_UID,
+            "fsGroup": TRITON_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": volumes,
+    }
+
+
+def config_hash(pod_spec: dict) -> str:
+    return hashlib.sha256(json.dumps(pod_spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> dict:
+    pod_spec = render_pod_spec(flow, stage, placed, successor)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(flow, stage, {MODEL_ANNOTATION: stage.model, TIER_ANNOTATION: placed.tier}),
+        "spec": {
+            "replicas": stage.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": stage_selector(flow.name, stage.name)},
+            # Make-before-break: a new pod must be ready before an old one goes.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {
+                    "labels": stage_labels(flow.name, stage.name),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(pod_spec)},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }

@@ -1,0 +1,123 @@
+"""The pure parts of reconcile: what apply patches, and the status and Events it reports."""
+
+from aiflow.api.problems import NO_NODES_FOR_TIER, Problem
+from aiflow.api.spec import parse_flow
+from aiflow.controller.apply import Action, covers, merge_patch
+from aiflow.controller.reconcile import decisions
+from aiflow.controller.status import (
+    Observation, StageState, build_status, changed_conditions, deployment_ready_replicas, status_patch,
+)
+
+LIVE = {
+    "metadata": {"labels": {"a": "1", "added-by-someone": "x"}, "annotations": {"deployment.kubernetes.io/revision": "1"}},
+    "spec": {"replicas": 1, "progressDeadlineSeconds": 600,
+             "template": {"spec": {"containers": [{"name": "c", "image": "i:1", "terminationMessagePath": "/dev/x",
+                                                   "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}]}}},
+}
+DESIRED = {
+    "metadata": {"labels": {"a": "1"}},
+    "spec": {"replicas": 1, "template": {"spec": {"containers": [
+        {"name": "c", "image": "i:1", "resources": {"requests": {"cpu": "1000m", "memory": "1024Mi"}}}]}}},
+}
+
+
+def test_server_defaults_and_normalised_quantities_are_not_differences():
+    assert covers(LIVE, DESIRED)
+    assert merge_patch(DESIRED, LIVE) is None
+
+
+def test_patch_holds_only_the_changed_fields():
+    desired = {"metadata": {"labels": {"a": "2"}}, "spec": {"replicas": 3, "template": DESIRED["spec"]["template"]}}
+    assert merge_patch(desired, LIVE) == {"metadata": {"labels": {"a": "2"}}, "spec": {"replicas": 3}}
+
+
+def test_a_changed_list_is_sent_whole():
+    desired = {"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "i:2"}]}}}}
+    assert merge_patch(desired, LIVE) == desired
+
+
+def test_missing_fields_are_added():
+    assert merge_patch({"metadata": {"ownerReferences": [{"uid": "u"}]}}, LIVE) == {"metadata": {"ownerReferences": [{"uid": "u"}]}}
+
+
+def flow():
+    return parse_flow({"apiVersion": "aiflow.io/v1alpha1", "kind": "AIFlow", "metadata": {"name": "f", "namespace": "n"},
+                       "spec": {"stages": [{"name": "a", "model": "vision_head", "tier": "device"},
+                                           {"name": "b", "model": "caption_decoder", "tier": "cloud"}]}})
+
+
+def obs(ready=(True, True), **kwargs):
+    stages = tuple(StageState(n, "m", t, "pinned", 1, int(r), True) for n, t, r in zip("ab", ("device", "cloud"), ready))
+    return Observation(generation=2, stages=stages, **kwargs)
+
+
+def conditions(status):
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_status_of_a_ready_flow():
+    status = build_status(flow(), obs(), None, "T1")
+    assert status["phase"] == "Ready" and status["readyStages"] == "2/2" and status["observedGeneration"] == 2
+    c = conditions(status)
+    assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("True", "AllStagesReady")
+    assert all(x["lastTransitionTime"] == "T1" and x["observedGeneration"] == 2 for x in c.values())
+    assert status["stages"][1]["endpoint"] == "f-b.n.svc:8001"
+
+
+def test_transition_time_changes_only_when_the_status_flips():
+    first = build_status(flow(), obs(ready=(True, False)), None, "T1")
+    assert conditions(first)["Ready"]["reason"] == "StagesNotReady"
+    assert "b (0/1 replicas ready)" in conditions(first)["Ready"]["message"]
+    same = build_status(flow(), obs(ready=(False, False)), first, "T2")
+    assert conditions(same)["Ready"]["lastTransitionTime"] == "T1"
+    flipped = build_status(flow(), obs(), same, "T3")
+    assert conditions(flipped)["Ready"]["lastTransitionTime"] == "T3"
+    assert conditions(flipped)["SpecValid"]["lastTransitionTime"] == "T1"
+
+
+def test_invalid_spec_keeps_the_last_known_stages():
+    ready = build_status(flow(), obs(), None, "T1")
+    invalid = build_status(None, Observation(3, spec_problems=(Problem("spec.stages[0].model", "unknown"),)), ready, "T2")
+    assert invalid["phase"] == "Invalid" and invalid["stages"] == ready["stages"]
+    c = conditions(invalid)
+    assert (c["Ready"]["status"], c["Ready"]["reason"]) == ("False", "InvalidSpec")
+    assert c["SpecValid"]["message"] == "spec.stages[0].model: unknown"
+    assert c["TiersSchedulable"]["status"] == "Unknown"
+
+
+def test_no_nodes_for_a_tier():
+    problem = Problem("spec.stages[1].tier", "no edge nodes", NO_NODES_FOR_TIER)
+    status = build_status(flow(), Observation(1, tier_problems=(problem,)), None, "T")
+    assert status["phase"] == "Unschedulable"
+    assert conditions(status)["Ready"]["reason"] == "NoNodesForTier"
+    assert conditions(status)["TiersSchedulable"]["status"] == "False"
+
+
+def test_status_patch_is_none_when_nothing_changed_and_removes_dropped_keys():
+    status = build_status(flow(), obs(), None, "T1")
+    assert status_patch(status, status) is None
+    assert status_patch(status, {**status, "stale": 1}) == {"status": {**status, "stale": None}}
+    assert status_patch(status, None) == {"status": status}
+
+
+def test_events_for_decisions_and_changed_conditions_only():
+    first = build_status(flow(), obs(ready=(False, False)), None, "T1")
+    events = decisions([], first, {})
+    assert [e.reason for e in events] == ["Placed"]
+    (created,) = decisions([Action("Created", "Service", "f-a")], first, {})
+    assert created.reason == "Created" and created.message.startswith("placed a:device, b:cloud (a: pinned")
+    assert created.message.endswith("; created Service f-a")
+    ready = build_status(flow(), obs(), first, "T2")
+    assert [(e.type, e.reason) for e in decisions([], ready, first)] == [("Normal", "FlowReady")]
+    assert decisions([], ready, ready) == []
+    lost = build_status(flow(), obs(ready=(True, False)), ready, "T3")
+    assert [(e.type, e.reason) for e in decisions([], lost, ready)] == [("Warning", "StagesNotReady")]
+    assert [c["type"] for c in changed_conditions(lost, ready)] == ["Ready"]
+
+
+def test_ready_replicas_count_only_for_the_current_generation():
+    dep = {"metadata": {"generation": 2}, "status": {"observedGeneration": 1, "readyReplicas": 1}}
+    assert deployment_ready_replicas(dep) == 0
+    dep["status"]["observedGeneration"] = 2
+    assert deployment_ready_replicas(dep) == 1
+    assert deployment_ready_replicas({"metadata": {}, "status": {"readyReplicas": 2}}) == 2

@@ -1,0 +1,180 @@
+"""render(flow, placement): the Services and Deployments of a flow."""
+
+import dataclasses
+
+import kubernetes_validate
+import pytest
+
+from aiflow.api.cluster import ClusterView
+from aiflow.api.spec import parse_flow
+from aiflow.planner.placement import resolve_placement
+from aiflow.render.manifests import CONFIG_HASH_ANNOTATION, render
+from aiflow.render.names import bounded, object_name
+
+
+def manifest(**spec):
+    base = {
+        "stages": [
+            {"name": "head", "model": "vision_head", "tier": "device", "parameters": {"splitLayer": 4, "codec": "int8+zstd"}},
+            {"name": "drafter", "model": "caption_drafter", "tier": "edge", "env": [{"name": "LOG", "value": "1"}]},
+            {"name": "verifier", "model": "caption_verifier", "tier": "cloud", "replicas": 2,
+             "parameters": {"decoding": "speculative"}},
+        ],
+    }
+    base.update(spec)
+    return {"apiVersion": "aiflow.io/v1alpha1", "kind": "AIFlow",
+            "metadata": {"name": "captioning", "namespace": "team", "uid": "uid-1", "generation": 1}, "spec": base}
+
+
+def rendered(doc=None):
+    flow = parse_flow(doc or manifest())
+    return render(flow, resolve_placement(flow, ClusterView.every_tier()))
+
+
+def by_kind(objects, kind):
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def container(deployment):
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env(deployment):
+    return {e["name"]: e["value"] for e in container(deployment)["env"]}
+
+
+def test_one_service_and_one_deployment_per_stage_in_flow_order():
+    objects = rendered()
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
+        ("Service", "captioning-head"), ("Deployment", "captioning-head"),
+        ("Service", "captioning-drafter"), ("Deployment", "captioning-drafter"),
+        ("Service", "captioning-verifier"), ("Deployment", "captioning-verifier"),
+    ]
+    assert all(o["metadata"]["namespace"] == "team" for o in objects)
+
+
+def test_rendering_is_deterministic():
+    assert rendered() == rendered()
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_every_object_is_a_valid_kubernetes_object(index):
+    kubernetes_validate.validate(rendered()[index], "1.32", strict=True)
+
+
+def test_labels_owner_and_selectors():
+    for obj in rendered():
+        meta = obj["metadata"]
+        stage = meta["name"].removeprefix("captioning-")
+        assert meta["labels"] == {
+            "app.kubernetes.io/name": "aiflow-stage", "app.kubernetes.io/instance": "captioning",
+            "app.kubernetes.io/component": stage, "app.kubernetes.io/part-of": "aiflow",
+            "app.kubernetes.io/managed-by": "aiflow-operator", "aiflow.io/flow": "captioning", "aiflow.io/stage": stage,
+        }
+        assert meta["ownerReferences"] == [{"apiVersion": "aiflow.io/v1alpha1", "kind": "AIFlow", "name": "captioning",
+                                            "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}]
+    for name, dep in by_kind(rendered(), "Deployment").items():
+        selector = dep["spec"]["selector"]["matchLabels"]
+        assert selector == {"aiflow.io/flow": "captioning", "aiflow.io/stage": name.removeprefix("captioning-")}
+        assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+        assert by_kind(rendered(), "Service")[name]["spec"]["selector"] == selector
+
+
+def test_no_owner_reference_without_a_uid():
+    doc = manifest()
+    del doc["metadata"]["uid"]
+    assert all("ownerReferences" not in o["metadata"] for o in rendered(doc))
+
+
+def test_triton_container_serves_the_stage_model_with_probes_and_ports():
+    dep = by_kind(rendered(), "Deployment")["captioning-drafter"]
+    c = container(dep)
+    assert c["command"] == ["tritonserver"]
+    assert "--model-control-mode=explicit" in c["args"] and "--load-model=caption_drafter" in c["args"]
+    assert "--model-repository=/opt/aiflow/model_repo" in c["args"]
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("http", 8000), ("grpc", 8001), ("metrics", 8002)]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert c["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+    svc = by_kind(rendered(), "Service")["captioning-drafter"]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
+        ("http", 8000, "http"), ("grpc", 8001, "grpc"), ("metrics", 8002, "metrics")]
+
+
+def test_pods_land_on_their_tier_and_run_locked_down():
+    for name, dep in by_kind(rendered(), "Deployment").items():
+        pod = dep["spec"]["template"]["spec"]
+        tier = {"captioning-head": "device", "captioning-drafter": "edge", "captioning-verifier": "cloud"}[name]
+        assert pod["nodeSelector"] == {"aiflow.io/tier": tier}
+        assert pod["tolerations"] == [{"key": "aiflow.io/tier", "operator": "Equal", "value": tier, "effect": "NoSchedule"}]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        sc = container(dep)["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        mounts = {m["mountPath"]: m["name"] for m in container(dep)["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_stages_are_wired_to_their_successor():
+    deps = by_kind(rendered(), "Deployment")
+    head, drafter, verifier = (env(deps[f"captioning-{s}"]) for s in ("head", "drafter", "verifier"))
+    assert head["AIFLOW_NEXT_URL"] == "captioning-drafter.team.svc:8001"
+    assert head["AIFLOW_NEXT_MODEL"] == "caption_drafter"
+    assert drafter["AIFLOW_NEXT_URL"] == "captioning-verifier.team.svc:8001"
+    assert drafter["AIFLOW_NEXT_MODEL"] == "caption_verifier"
+    assert "AIFLOW_NEXT_URL" not in verifier and "AIFLOW_NEXT_MODEL" not in verifier
+    assert (head["AIFLOW_FLOW"], head["AIFLOW_STAGE"], head["AIFLOW_TIER"]) == ("captioning", "head", "device")
+
+
+def test_stage_knobs_and_user_env_reach_the_container():
+    deps = by_kind(rendered(), "Deployment")
+    head, drafter, verifier = (env(deps[f"captioning-{s}"]) for s in ("head", "drafter", "verifier"))
+    assert (head["AIFLOW_SPLIT_LAYER"], head["AIFLOW_CODEC"]) == ("4", "int8+zstd")
+    assert "AIFLOW_DECODING" not in head and "AIFLOW_SPLIT_LAYER" not in drafter
+    assert verifier["AIFLOW_DECODING"] == "speculative"
+    assert drafter["LOG"] == "1"
+    assert deps["captioning-verifier"]["spec"]["replicas"] == 2
+
+
+def test_model_repository_from_a_volume_claim_is_mounted_read_only():
+    doc = manifest(triton={"image": "img:2", "modelRepository": {
+        "path": "/models", "persistentVolumeClaim": {"claimName": "repo", "subPath": "v1"}}})
+    dep = by_kind(rendered(doc), "Deployment")["captioning-head"]
+    c = container(dep)
+    assert c["image"] == "img:2" and "--model-repository=/models" in c["args"]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/models"]
+    assert mount["readOnly"] is True and mount["subPath"] == "v1"
+    (volume,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"] == {"claimName": "repo", "readOnly": True}
+
+
+def test_config_hash_changes_with_the_stage_config_only():
+    base = by_kind(rendered(), "Deployment")
+    doc = manifest()
+    doc["spec"]["stages"][1]["env"][0]["value"] = "2"
+    changed = by_kind(rendered(doc), "Deployment")
+    h = lambda d: d["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    assert h(changed["captioning-drafter"]) != h(base["captioning-drafter"])
+    assert h(changed["captioning-head"]) == h(base["captioning-head"])
+
+
+def test_auto_stages_render_on_their_resolved_tier():
+    doc = manifest()
+    for stage in doc["spec"]["stages"]:
+        stage["tier"] = "auto"
+    flow = parse_flow(doc)
+    cluster = ClusterView.every_tier()
+    cluster = dataclasses.replace(cluster, nodes=tuple(n for n in cluster.nodes if n.tier != "device"))
+    deps = by_kind(render(flow, resolve_placement(flow, cluster)), "Deployment")
+    assert deps["captioning-head"]["spec"]["template"]["spec"]["nodeSelector"] == {"aiflow.io/tier": "edge"}
+    assert env(deps["captioning-head"])["AIFLOW_TIER"] == "edge"
+
+
+def test_names_are_bounded_unique_and_valid():
+    long_flow, long_stage = "f" * 63, "s" * 40
+    name = object_name(long_flow, long_stage)
+    assert len(name) <= 63 and name[0].isalpha()
+    assert object_name(long_flow, long_stage + "x") != name
+    assert object_name("9flow.v2", "a") == "af-9flow-v2-a"
+    assert bounded("short") == "short"
