@@ -1,1 +1,10 @@
-"""Cost model and placement/partition solver (pure functions)."""
+"""Cost model and placement/partition solver (pure functions); see docs/planner.md.
+
+- `profile`: what the model's pieces cost (PlannerProfile files, `load_profile`)
+- `cluster`: tiers and links as the planner sees them (`cluster_state`, ClusterSnapshot files)
+- `problem`: the question and the search space its constraints admit
+- `cost`: predicted latency, bytes and quality of one candidate (`evaluate`)
+- `solver`: `plan(problem) -> Plan`, `assess(problem, candidate)`, and the exhaustive reference
+- `hysteresis`: `decide(current, candidate, policy, now, last_migration_at)` for the rescheduler
+- `placement`: the operator's `resolve_placement` seam
+"""
