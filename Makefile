@@ -10,7 +10,6 @@ TORCH  ?= torch==2.13.0
 
 $(BIN)/aiflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
@@ -25,3 +24,17 @@ test: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The kind path (docs/install.md): a local cluster with one worker per tier, the images, the chart,
+# the captioning example, and a caption through it. Needs docker, kind, kubectl and helm.
+KIND_CLUSTER ?= aiflow
+.PHONY: kind-demo kind-down images
+
+kind-demo: setup
+	KIND_CLUSTER=$(KIND_CLUSTER) scripts/kind-demo.sh up
+
+kind-down:
+	KIND_CLUSTER=$(KIND_CLUSTER) scripts/kind-demo.sh down
+
+images:
+	scripts/kind-demo.sh images

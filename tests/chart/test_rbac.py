@@ -1,0 +1,140 @@
+"""The chart's RBAC against what the operator really does.
+
+The real kopf operator runs the captioning example through its life (a name conflict with objects
+of someone else, create, ready, a node joining, a hand-edited Service repaired, a spec change that
+replaces stages, deletion) against the emulated API server, which records every
+request. The permissions those requests need must all be granted by the chart's rules for the
+operator's ServiceAccount, and every granted permission must have been used, apart from the few listed
+in ALLOWANCES with the reason each is granted anyway.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aiflow import TIERS
+from aiflow.render.names import object_name
+from tests.chart.processes import OPERATOR_AGENTS, ready, reason
+from tests.chart.rendering import containers, granted_permissions, render
+
+FLOW = "captioning"
+
+# Granted but not seen in the recorded run, each for a reason the run cannot show.
+ALLOWANCES = {
+    ("aiflow.io", "aiflows/finalizers", "update"):
+        "ownerReferences with blockOwnerDeletion need it where OwnerReferencesPermissionEnforcement "
+        "admission runs (e.g. OpenShift); the emulated server does not enforce it",
+    ("metrics.k8s.io", "nodes", "get"): "node usage for placement, read only when metrics-server is installed",
+    ("metrics.k8s.io", "nodes", "list"): "node usage for placement, read only when metrics-server is installed",
+}
+
+
+Permission = tuple  # (namespace or None, apiGroup, resource[/subresource], verb)
+
+
+def requested(records) -> set[Permission]:
+    """What each recorded operator request needed, and where: its namespace, or None when the request
+    was cluster-scoped or across all namespaces."""
+    needed = set()
+    for r in records:
+        if r.user_agent.startswith(OPERATOR_AGENTS) and r.resource is not None and r.group is not None:
+            resource = f"{r.resource}/{r.subresource}" if r.subresource else r.resource
+            needed.add((r.namespace, r.group, resource, r.verb))
+    return needed
+
+
+def covers(grant: Permission, need: Permission) -> bool:
+    return grant[1:] == need[1:] and grant[0] in (None, need[0])
+
+
+def squat(apiserver, kind: str, name: str) -> None:
+    """An object of someone else, named as a stage's object will be."""
+    labels = {"app": "other"}
+    meta = {"name": name, "namespace": "default", "labels": labels}
+    if kind == "Deployment":
+        pod = {"metadata": {"labels": labels},
+               "spec": {"containers": [{"name": "other", "image": "registry.example/other:1"}]}}
+        apiserver.create({"apiVersion": "apps/v1", "kind": kind, "metadata": meta,
+                          "spec": {"selector": {"matchLabels": labels}, "template": pod}})
+    else:
+        apiserver.create({"apiVersion": "v1", "kind": kind, "metadata": meta,
+                          "spec": {"selector": labels, "ports": [{"port": 8001}]}})
+
+
+# The modes the chart installs the operator in: the values, and how kopf then runs.
+MODES = {
+    "cluster-wide": ({}, {"clusterwide": True}),
+    "namespaced": ({"watchNamespaces": ["default"]}, {"namespaces": ("default",)}),
+}
+
+
+@pytest.fixture(params=sorted(MODES))
+def recorded_run(request, apiserver, run_kopf_operator, garbage_collector):
+    """The chart values of a mode, and the operator's requests over the life of the captioning flow
+    when it runs as the chart runs it in that mode."""
+    values, scope = MODES[request.param]
+    apiserver.kubectl("apply", "--validate=false", "-f", "crds/")
+    for tier in TIERS:
+        apiserver.seed_node(f"{tier}-1", tier, allocatable={"cpu": "8", "memory": "32Gi"})
+    apiserver.clear_request_log()
+    run_kopf_operator("aiflow.controller.handlers", **scope)
+    apiserver.start_deployment_controller()
+    # Objects of someone else in the way of a stage: the operator reads them and refuses to touch them.
+    squat(apiserver, "Deployment", object_name(FLOW, "head"))
+    apiserver.kubectl("apply", "--validate=false", "-f", f"examples/{FLOW}.yaml")
+    apiserver.wait_for(lambda: reason(apiserver.get("aiflows", FLOW, "default")) == "NameConflict",
+                       timeout=60, message="the flow to report the name conflict")
+    apiserver.kubectl("delete", "deployment", object_name(FLOW, "head"))
+    apiserver.seed_node("edge-2", "edge")  # a node joining re-checks every flow
+    apiserver.wait_for(lambda: ready(apiserver.get("aiflows", FLOW, "default")), timeout=60,
+                       message="the captioning flow to become Ready")
+    # Someone edits a Service by hand: the next reconcile puts it back.
+    head_service = apiserver.list("services", "default", label_selector="aiflow.io/stage=head")[0]
+    apiserver.kubectl("patch", "service", head_service["metadata"]["name"], "--type=merge", "-p",
+                      '{"spec":{"selector":{"aiflow.io/stage":"tampered"}}}')
+    # A spec change that replaces two stages by one: patches, creates and deletes children.
+    flow = apiserver.get("aiflows", FLOW, "default")
+    head = flow["spec"]["stages"][0]
+    squat(apiserver, "Service", object_name(FLOW, "decoder"))
+    apiserver.kubectl("patch", "aiflow", FLOW, "--type=merge", "-p",
+                      '{"spec":{"stages":[%s,{"name":"decoder","model":"caption_decoder","tier":"cloud"}]}}'
+                      % json.dumps(head))
+    apiserver.wait_for(lambda: reason(apiserver.get("aiflows", FLOW, "default")) == "NameConflict",
+                       timeout=60, message="the changed flow to report the name conflict")
+    apiserver.kubectl("delete", "service", object_name(FLOW, "decoder"))
+    apiserver.seed_node("edge-3", "edge")
+    apiserver.wait_for(lambda: not apiserver.list("deployments", "default",
+                                                  label_selector="aiflow.io/stage=verifier"),
+                       timeout=60, message="the replaced stages to be removed")
+    apiserver.wait_for(lambda: ready(apiserver.get("aiflows", FLOW, "default")), timeout=60,
+                       message="the changed flow to become Ready")
+    apiserver.wait_for(lambda: apiserver.get("services", head_service["metadata"]["name"], "default")
+                       ["spec"]["selector"].get("aiflow.io/stage") == "head",
+                       timeout=60, message="the hand-edited Service to be repaired")
+    apiserver.kubectl("delete", "aiflow", FLOW, "--wait=false")
+    apiserver.wait_for(lambda: apiserver.get("aiflows", FLOW, "default") is None, timeout=60,
+                       message="the flow to be deleted")
+    return values, requested(apiserver.request_log)
+
+
+def test_chart_rbac_grants_what_the_operator_uses_and_nothing_more(chart, recorded_run):
+    values, needed = recorded_run
+    rendered = render(chart, values)
+    args = containers(rendered.one("Deployment"))[0]["args"]
+    assert ("--all-namespaces" in args) == (not values), "the run must use the chart's mode"
+    grants = granted_permissions(rendered)
+    assert needed, "the recorded run made no requests"
+    missing = {n for n in needed if not any(covers(g, n) for g in grants)}
+    assert not missing, f"the operator made requests the chart does not grant: {sorted(missing, key=str)}"
+    unused = {g for g in grants if not any(covers(g, n) for n in needed) and g[1:] not in ALLOWANCES}
+    assert not unused, f"the chart grants what the operator never used: {sorted(unused, key=str)}"
+    stale = {a for a in ALLOWANCES if any(n[1:] == a for n in needed)}
+    assert not stale, f"now used, so no longer an allowance: {sorted(stale)}"
+
+
+def test_allowances_are_all_granted(chart):
+    """An allowance for a permission the chart no longer grants is dead text."""
+    permissions = {g[1:] for g in granted_permissions(render(chart, {}))}
+    assert set(ALLOWANCES) <= permissions, sorted(set(ALLOWANCES) - permissions)
