@@ -55,7 +55,7 @@ import kmock
 import yaml
 
 from tests.kube import builtin_schemas, patches, schemas, selectors
-from tests.kube.resources import BUILTIN_RESOURCES, SUBRESOURCE_VERBS, ResourceType, crd_resource_types
+from tests.kube.resources import BUILTIN_RESOURCES, NODE_METRICS, SUBRESOURCE_VERBS, ResourceType, crd_resource_types
 
 logger = logging.getLogger(__name__)
 
@@ -1194,6 +1194,26 @@ class EmulatedApiServer:
 
     def remove_node(self, name: str) -> Obj | None:
         return self.delete("nodes", name)
+
+    # ------------------------------------------------------------ metrics.k8s.io (what metrics-server serves)
+    def serve_node_metrics(self) -> None:
+        """Serve metrics.k8s.io/v1beta1 NodeMetrics (discovery, get, list), as a cluster does once
+        metrics-server has registered its APIService. Nothing samples the nodes here: the values are
+        what `set_node_metrics` wrote."""
+        self.call(lambda h: h.types.setdefault((NODE_METRICS.group, NODE_METRICS.version, NODE_METRICS.plural),
+                                               NODE_METRICS))
+
+    def set_node_metrics(self, name: str, cpu: str, memory: str = "0") -> Obj:
+        """Write a node's NodeMetrics (`usage.cpu` like "1500m"), as metrics-server reports it."""
+        def write(h: KubeApiHandler) -> Obj:
+            obj = {"apiVersion": NODE_METRICS.group_version, "kind": NODE_METRICS.kind, "metadata": {"name": name},
+                   "timestamp": now_rfc3339(), "window": "10s", "usage": {"cpu": cpu, "memory": memory}}
+            old = h.get_object(NODE_METRICS, None, name)
+            if old is None:
+                return h.create_object(NODE_METRICS, None, obj)[0]
+            return h.write_object(NODE_METRICS, old, {**h.serve(NODE_METRICS, old), **obj,
+                                                      "metadata": old["metadata"]}, None)[0]
+        return self.call(write)
 
     # ------------------------------------------------------------ controllers (explicit stand-ins)
     def start_garbage_collector(self, interval: float = 0.1) -> Any:

@@ -19,7 +19,8 @@ Fixtures:
   `create(obj)`, `patch(resource, name, merge_patch, namespace=None, subresource=None)`,
   `delete(resource, name, namespace=None)`, `create_namespace(name)`,
   `seed_node(name, tier=None, labels=, allocatable=, ready=True, taints=)`, `set_node_ready(name, ready)`,
-  `patch_node(name, patch)`, `remove_node(name)`, `kubectl(*args, input=None, check=True)`,
+  `patch_node(name, patch)`, `remove_node(name)`, `serve_node_metrics()` (metrics.k8s.io NodeMetrics,
+  as with metrics-server installed) and `set_node_metrics(name, cpu, memory="0")`, `kubectl(*args, input=None, check=True)`,
   `kubectl_env()`, `wait_for(predicate, timeout=30, message=...)`, `request_log` (list of
   `RequestRecord(method, path, verb, group, version, resource, namespace, name, subresource,
   user_agent, code)`), `clear_request_log()`, `warnings` (what it could not check, e.g. a CEL rule

@@ -111,6 +111,10 @@ BUILTIN_RESOURCES: tuple[ResourceType, ...] = (
 # ServiceMonitor is a CRD on real clusters; it is not served unless a CRD registers it.
 BUILTIN_RESOURCES = tuple(r for r in BUILTIN_RESOURCES if r.group != "monitoring.coreos.com")
 
+# metrics-server's aggregated API (read only); served only once a test registers it
+# (`EmulatedApiServer.serve_node_metrics()`), as a cluster serves it only with metrics-server installed.
+NODE_METRICS = ResourceType("metrics.k8s.io", "v1beta1", "nodes", "NodeMetrics", False, verbs=("get", "list"))
+
 
 def crd_resource_types(crd: dict[str, Any]) -> list[ResourceType]:
     """The served resource types (one per served version) that a CRD (apiextensions.k8s.io/v1) defines."""

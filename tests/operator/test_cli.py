@@ -94,3 +94,5 @@ def test_render_prints_exactly_what_the_operator_applies(cluster, capsys, tmp_pa
     for obj in rendered:
         current = live[(obj["kind"], obj["metadata"]["name"])]
         assert merge_patch({"metadata": obj["metadata"], "spec": obj["spec"]}, current) is None
+        # and nothing the operator set is missing from the dry run
+        assert current["metadata"]["labels"] == obj["metadata"]["labels"]

@@ -185,17 +185,23 @@ def test_a_tier_without_nodes_waits_without_creating_anything_then_heals(bare_cl
         "aiflow.io/tier": "edge"}
 
 
-def test_auto_tiers_are_resolved_from_the_nodes_there_are(bare_cluster):
+def test_auto_tiers_are_planned_on_the_nodes_there_are(bare_cluster):
     cluster = bare_cluster
-    cluster.api.seed_node("edge-1", "edge")
-    cluster.api.seed_node("cloud-1", "cloud")
+    cluster.api.seed_node("edge-1", "edge", labels={"aiflow.io/compute-factor": "4"})  # a slow edge
+    cluster.api.seed_node("cloud-1", "cloud", labels={"aiflow.io/compute-factor": "0.25"})
     cluster.apply(ROOT / "examples" / "auto-placement.yaml")
     cluster.wait(lambda: len(cluster.children("auto-placement")) == 3, message="3 deployments")
     tiers = {n: d["spec"]["template"]["spec"]["nodeSelector"]["aiflow.io/tier"]
              for n, d in cluster.children("auto-placement").items()}
-    assert tiers == {"auto-placement-head": "edge", "auto-placement-drafter": "cloud", "auto-placement-verifier": "cloud"}
-    status = cluster.wait(lambda: (cluster.flow("auto-placement") or {}).get("status", {}).get("placement"))
-    assert status == "head:edge, drafter:cloud, verifier:cloud"
+    # No device node; the planner predicts the fast cloud beats sending the image to the slow edge.
+    assert tiers == {"auto-placement-head": "cloud", "auto-placement-drafter": "cloud", "auto-placement-verifier": "cloud"}
+    status = cluster.wait(lambda: (cluster.flow("auto-placement") or {}).get("status", {}).get("plan"))
+    assert status["planner"] == "Solver" and status["revision"] == 1
+    assert status["placement"] == {"head": "cloud", "drafter": "cloud", "verifier": "cloud"}
+    assert "ms predicted" in status["reason"] and status["predictedLatencyMs"] > 0
+    head = env_of(cluster.children("auto-placement")["auto-placement-head"])
+    assert head["AIFLOW_SPLIT_LAYER"] == str(status["splitLayer"]) and head["AIFLOW_CODEC"] == status["codec"]
+    assert cluster.flow("auto-placement")["status"]["placement"] == "head:cloud, drafter:cloud, verifier:cloud"
 
 
 def test_a_deleted_child_is_recreated(cluster):

@@ -60,6 +60,7 @@ class Link:
 @dataclass(frozen=True)
 class Objective:
     latency_ms: float | None = None
+    min_quality: float | None = None  # the planner's quality floor (0..100); None: its default
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ def parse_flow(manifest: dict, namespace: str = "default") -> Flow:
             Link(l["from"], l["to"], float(l["bandwidthMbps"]), float(l.get("rttMs", 0)))
             for l in spec.get("links") or ()
         ),
-        objective=Objective(latency_ms=(spec.get("objective") or {}).get("latencyMs")),
+        objective=Objective(latency_ms=(spec.get("objective") or {}).get("latencyMs"),
+                            min_quality=(spec.get("objective") or {}).get("minQuality")),
         rescheduling=Rescheduling(
             enabled=spec["rescheduling"]["enabled"],
             interval_seconds=spec["rescheduling"]["intervalSeconds"],

@@ -120,8 +120,8 @@ def cmd_validate(args) -> int:
 def cmd_render(args) -> int:
     from aiflow.api.spec import parse_flow
     from aiflow.api.validate import validate_manifest
+    from aiflow.controller.revisions import render_revision
     from aiflow.planner.placement import resolve_placement
-    from aiflow.render.manifests import render
 
     cluster = _cluster(args.nodes)
     objects = []
@@ -133,7 +133,8 @@ def cmd_render(args) -> int:
         flow = parse_flow(doc, args.namespace or "default")
         if args.namespace and flow.namespace != args.namespace:
             raise CLIError(f"{_label(doc, i)} names namespace {flow.namespace}, not {args.namespace}")
-        objects.extend(render(flow, resolve_placement(flow, cluster)))
+        # A new flow starts at revision 1, serving itself: what reconcile applies first.
+        objects.extend(render_revision(flow, resolve_placement(flow, cluster), 1, 1))
     yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, default_flow_style=False)
     return 0
 

@@ -4,28 +4,38 @@ so running it again changes nothing.
 
 Nothing is created before everything is validated: an invalid spec or a tier without nodes leaves
 the cluster as it was and says why in status (and in an Event when that news is new).
+
+The plan the flow runs is kept in its status, and `rescheduler.step` decides from it what runs
+next; a move brings up the new revision's objects beside the serving ones (`revisions`), and the
+reconcile that sees them all Ready switches the entry Service and deletes the old revision.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 
 from aiflow import GROUP, KIND, PLURAL, VERSION
 from aiflow.api.catalog import ModelInfo
 from aiflow.api.cluster import ClusterView
 from aiflow.api.problems import INVALID_SPEC
-from aiflow.api.spec import parse_flow
+from aiflow.api.spec import Flow, parse_flow
 from aiflow.api.validate import validate_manifest
+from aiflow.controller import rescheduler
 from aiflow.controller.apply import Action, NameConflict, apply_flow, list_owned
 from aiflow.controller.kube import KubeApi, Resource
-from aiflow.controller.observe import observe_cluster
-from aiflow.controller.status import (
-    READY, Observation, build_status, changed_conditions, deployments_by_stage, hop_links,
-    readiness_signature, stage_states, status_patch,
+from aiflow.controller.observe import NodeRecord, cluster_view, observations, observe_nodes
+from aiflow.controller.rescheduler import DecisionRecord, PlanRecord, Step, parse_stamp, stamp
+from aiflow.controller.revisions import (
+    deployment_name, endpoint, merge_revisions, render_revision, revision_of, service_name,
 )
-from aiflow.planner.placement import resolve_placement
-from aiflow.render.manifests import render
+from aiflow.controller.stage_metrics import StageTimes
+from aiflow.controller.status import (
+    ABNORMAL_TRUE, PLAN_FIELDS, READY, Observation, build_status, changed_conditions, deployment_ready_replicas,
+    deployments_by_stage, hop_links, readiness_signature, stage_states, status_patch,
+)
+from aiflow.planner.cluster import cluster_state, declared_links
 from aiflow.render.names import flow_selector
 
 AIFLOWS = Resource(f"{GROUP}/{VERSION}", PLURAL)
@@ -36,6 +46,25 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+
+
+@dataclass(frozen=True)
+class Load:
+    """Per-node CPU utilisation (metrics.k8s.io) and notes on what could not be read."""
+
+    utilisation: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The rescheduler's turn for a flow: its time, the measured latency (None: not measured,
+    `latency_source` says why) and each stage's measured times."""
+
+    now: float
+    latency_ms: float | None = None
+    latency_source: str = ""
+    stages: tuple[tuple[str, StageTimes], ...] = ()
 
 
 @dataclass
@@ -51,61 +80,185 @@ class Result:
     stages: int = 0
     ready_stages: int = 0
     placed: bool = False  # the placement changed
+    step: Step | None = None  # what the rescheduler decided
+    predicted_latency_s: float | None = None
+    links: tuple = ()  # planner LinkStates of the hops the flow crosses
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def revision_ready(flow: Flow, revision: int, live: dict[tuple[str, str], dict]) -> bool:
+    """Whether every stage's Deployment of `revision` exists and reports all replicas ready."""
+    for stage in flow.stages:
+        dep = live.get(("Deployment", deployment_name(flow, stage.name, revision)))
+        if dep is None or revision_of(dep) != revision:
+            return False
+        want = int((dep.get("spec") or {}).get("replicas", stage.replicas))
+        if deployment_ready_replicas(dep) < want or want < 1:
+            return False
+    return True
+
+
 def reconcile(api: KubeApi, namespace: str, name: str, catalog: dict[str, ModelInfo] | None = None,
-              cluster: ClusterView | None = None) -> Result:
-    """Brings the objects and the status of AIFlow `namespace/name` in line with its spec. The
-    cluster's tier nodes are listed unless `cluster` (e.g. the operator's node index) is given."""
+              cluster: ClusterView | None = None, nodes: list[NodeRecord] | None = None,
+              load: Load | None = None, tick: Tick | None = None) -> Result:
+    """Brings the objects and the status of AIFlow `namespace/name` in line with its spec and its
+    plan. The cluster's tier nodes are listed unless `nodes` (the operator's node index) or `cluster`
+    is given; `load` is the nodes' CPU utilisation; `tick` makes this the rescheduler's turn."""
     body = api.get(AIFLOWS.path(namespace, name))
     if body is None or body["metadata"].get("deletionTimestamp"):
         return Result()  # deletion is garbage collection's job: never recreate or patch anything
     uid = body["metadata"].get("uid", "")
     generation = int(body["metadata"].get("generation") or 0)
     result = Result(flow=body)
+    if nodes is None:
+        nodes = [NodeRecord(n) for n in cluster.nodes] if cluster is not None else observe_nodes(api)
+    cluster = cluster_view(nodes)
+    load = load or Load()
+    now = tick.now if tick else time.time()
 
-    if cluster is None:
-        cluster = observe_cluster(api)
     problems = validate_manifest(body, catalog, cluster)
     spec_problems = tuple(p for p in problems if p.reason == INVALID_SPEC)
     tier_problems = tuple(p for p in problems if p.reason != INVALID_SPEC)
     live = list_owned(api, namespace, flow_selector(name))
+    old = body.get("status") or {}
 
     flow = placement = None
     conflict = ""
+    plan_status = {k: old.get(k) for k in PLAN_FIELDS}
+    names, links, degraded, step = None, (), None, None
     if not spec_problems:
         flow = parse_flow(body, namespace)
     if flow is not None and not tier_problems:
-        placement = resolve_placement(flow, cluster)
+        seen = observations(nodes, load.utilisation, load.notes)
+        state = cluster_state(seen.tiers, seen.links, declared_links(flow))
+        serving = PlanRecord.from_status(old.get("plan"), flow)
+        migration = PlanRecord.from_status(old.get("migration"), flow)
+        step = rescheduler.step(
+            flow, serving, migration, state=state, cluster=cluster, now=now,
+            last_migration_at=parse_stamp(old.get("lastMigrationTime")),
+            target_ready=migration is not None and revision_ready(flow, migration.revision, live),
+            due=tick is not None)
+        revision = step.serving.revision
+        placement = rescheduler.placement_of_record(flow, step.serving, state, cluster)
+        desired = render_revision(flow, placement, revision, revision)
+        if step.migration is not None:
+            target = rescheduler.placement_of_record(flow, step.migration, state, cluster)
+            desired = merge_revisions(desired, render_revision(flow, target, step.migration.revision, revision))
         try:
-            result.actions, live = apply_flow(api, render(flow, placement), live, uid)
+            result.actions, live = apply_flow(api, desired, live, uid)
         except NameConflict as exc:
             conflict = str(exc)
+        names = {s.name: (deployment_name(flow, s.name, revision), service_name(flow, s.name, revision),
+                          endpoint(flow, s.name, revision)) for s in flow.stages}
+        links = hop_links(flow, placement, state)
+        result.links = tuple(state.link(h["from"], h["to"]) for h in links)
+        degraded = tuple(rescheduler.degraded_tiers(step, cluster))
+        predicted = placement.plan.latency_ms if placement.plan else None
+        result.predicted_latency_s = predicted / 1e3 if predicted is not None else None
+        plan_status = plan_fields(step, old, seen, predicted, tick, now)
+    elif flow is not None:
+        degraded = tuple(rescheduler.lost_tiers(PlanRecord.from_status(old.get("plan"), flow), cluster))
+    result.step = step
+    serving_deployments = {k: v for k, v in live.items()
+                           if k[0] == "Deployment" and (names is None or k[1] in {n[0] for n in names.values()})}
     obs = Observation(
         generation=generation,
         spec_problems=spec_problems,
         tier_problems=tier_problems,
         conflict=conflict,
-        stages=stage_states(flow, placement, deployments_by_stage(live)) if flow else (),
+        stages=stage_states(flow, placement, deployments_by_stage(serving_deployments), names) if flow else (),
         placement=placement,
-        links=hop_links(flow, placement) if placement else (),
+        links=links,
+        degraded=degraded,
+        degraded_message=degraded_message(degraded, step),
+        plan_status=plan_status,
     )
-    old = body.get("status") or {}
     new = build_status(flow, obs, old, _now())
     result.phase = new["phase"]
     patch = status_patch(new, old)
     if patch is not None:
         api.patch(AIFLOWS.path(namespace, name, "status"), patch)
         result.status_written = True
-    result.events = decisions(result.actions, new, old)
+    result.events = decisions(result.actions, new, old) + plan_events(flow, step, old)
     result.deployments = {n: readiness_signature(o) for (k, n), o in live.items() if k == "Deployment"}
     result.stages, result.ready_stages = len(obs.stages), sum(s.ready for s in obs.stages)
     result.placed = bool(new.get("placement")) and new.get("placement") != old.get("placement")
     return result
+
+
+def plan_fields(step: Step, old: dict, seen, predicted: float | None, tick: Tick | None, now: float) -> dict:
+    """The rescheduler's part of the status (PLAN_FIELDS)."""
+    latency = dict(old.get("latency") or {})
+    if predicted is not None:
+        latency["predictedMs"] = round(predicted, 3)
+    else:
+        latency.pop("predictedMs", None)
+    if tick is not None:
+        for key in ("measuredMs", "stages"):
+            latency.pop(key, None)
+        if tick.latency_ms is not None:
+            latency["measuredMs"] = round(tick.latency_ms, 3)
+        if tick.stages:
+            latency["stages"] = [times.to_status(stage) for stage, times in tick.stages]
+        latency["source"] = tick.latency_source
+    tiers = [{"tier": t.tier, "nodes": t.nodes, "readyNodes": t.ready_nodes,
+              "computeFactor": round(t.compute_factor, 4), "utilisation": round(t.utilisation, 4)} for t in seen.tiers]
+    observed = {"tiers": tiers, "notes": list(seen.notes)}
+    previous = old.get("observations") or {}
+    # The time moves only with what was seen, so that a reconcile that sees nothing new writes nothing.
+    same = {k: previous.get(k) for k in ("tiers", "notes")} == observed
+    observed["time"] = previous.get("time") if same and previous.get("time") else stamp(now)
+    decision = step.decision.to_status() if step.decision else old.get("lastDecision")
+    return {
+        "plan": step.serving.to_status(),
+        "migration": step.migration.to_status() if step.migration else None,
+        "lastMigrationTime": stamp(step.last_migration_at) if step.last_migration_at is not None else None,
+        "lastDecision": decision,
+        "latency": latency or None,
+        "observations": observed,
+    }
+
+
+def degraded_message(tiers, step: Step | None) -> str:
+    if not tiers:
+        return ""
+    where = ""
+    if step is not None and step.serving is not None:
+        runs = sorted(set(step.serving.tiers) - set(tiers))
+        where = f"; the flow {'moves' if step.migration else 'runs'} on {', '.join(runs) or 'no tier'} instead"
+        if step.migration is not None:
+            where = f"; moving to {', '.join(sorted(set(step.migration.tiers)))}"
+    return f"{', '.join(tiers)} has no Ready node{where}; it comes back, subject to the rescheduling policy, when the tier returns"
+
+
+def plan_events(flow: Flow | None, step: Step | None, old: dict) -> list[Event]:
+    """Events that explain the rescheduler's decisions: every move started, finished or given up,
+    and every rejected move (once per decision, not per tick)."""
+    if flow is None or step is None:
+        return []
+    events = []
+    if step.abandoned is not None:
+        events.append(Event("Warning", "MigrationAbandoned",
+                            f"gave up the move to revision {step.abandoned.revision}: " +
+                            ("; ".join(step.notes) or "the spec changed")))
+    decision: DecisionRecord | None = step.decision
+    if step.started and decision is not None:
+        kind, reason = ("Warning", "Failover") if decision.decision == rescheduler.FAILOVER else ("Normal", "Migrating")
+        events.append(Event(kind, reason, f"{decision.reason}; revision {step.migration.revision} starts beside "
+                                          f"revision {step.serving.revision}, traffic switches when it is Ready"))
+    elif decision is not None and decision.decision in (rescheduler.REJECTED, rescheduler.SKIPPED) \
+            and not decision.repeats(old.get("lastDecision")):
+        kind, reason = ("Normal", "MigrationRejected") if decision.decision == rescheduler.REJECTED else ("Warning", "ReplanFailed")
+        events.append(Event(kind, reason, decision.reason))
+    if step.completed is not None:
+        events.append(Event("Normal", "Migrated",
+                            f"revision {step.serving.revision} is Ready and serves the flow "
+                            f"({', '.join(f'{s}:{t}' for s, t in step.serving.placement)}); "
+                            f"revision {step.completed.revision} deleted"))
+    return events
 
 
 def decisions(actions: list[Action], new: dict, old: dict) -> list[Event]:
@@ -127,7 +280,12 @@ def decisions(actions: list[Action], new: dict, old: dict) -> list[Event]:
     before = {c.get("type"): c.get("status") for c in old.get("conditions") or ()}
     for c in changed_conditions(new, old):
         kind, status, reason, message = c["type"], c["status"], c["reason"], c["message"]
-        if kind == READY:
+        if kind in ABNORMAL_TRUE:
+            if status == "True":
+                events.append(Event("Warning", reason, message))
+            elif status == "False" and before.get(kind) == "True":
+                events.append(Event("Normal", reason, message))
+        elif kind == READY:
             if status == "True":
                 events.append(Event("Normal", "FlowReady", message))
             elif reason == "NameConflict" or (reason == "StagesNotReady" and before.get(READY) == "True"):

@@ -14,7 +14,11 @@ from aiflow.planner.placement import Placement
 from aiflow.render.manifests import MODEL_ANNOTATION, TIER_ANNOTATION, service_endpoint
 from aiflow.render.names import STAGE_LABEL, object_name
 
-READY, SPEC_VALID, TIERS_SCHEDULABLE = "Ready", "SpecValid", "TiersSchedulable"
+READY, SPEC_VALID, TIERS_SCHEDULABLE, DEGRADED = "Ready", "SpecValid", "TiersSchedulable", "Degraded"
+# Conditions whose True is the bad news (Kubernetes conventions allow both polarities).
+ABNORMAL_TRUE = (DEGRADED,)
+# Status fields the rescheduler owns, kept as they are while the spec is invalid.
+PLAN_FIELDS = ("plan", "migration", "lastMigrationTime", "lastDecision", "latency", "observations")
 PENDING, PHASE_READY, INVALID, UNSCHEDULABLE = "Pending", "Ready", "Invalid", "Unschedulable"
 
 
@@ -49,6 +53,9 @@ class StageState:
     replicas: int = 0
     ready_replicas: int = 0
     exists: bool = False
+    deployment: str = ""  # names of the serving revision's objects (default: <flow>-<stage>)
+    service: str = ""
+    endpoint: str = ""
 
     @property
     def ready(self) -> bool:
@@ -66,6 +73,9 @@ class Observation:
     stages: tuple[StageState, ...] = ()
     placement: Placement | None = None
     links: tuple[dict, ...] = field(default_factory=tuple)
+    degraded: tuple[str, ...] | None = None  # tiers the flow runs on or left that have no usable node; None: unknown
+    degraded_message: str = ""
+    plan_status: dict = field(default_factory=dict)  # the rescheduler's fields (PLAN_FIELDS)
 
 
 def readiness_signature(deployment: dict) -> tuple:
@@ -85,11 +95,14 @@ def deployment_ready_replicas(deployment: dict) -> int:
     return int(status.get("readyReplicas") or 0)
 
 
-def stage_states(flow: Flow, placement: Placement | None, deployments: dict[str, dict]) -> tuple[StageState, ...]:
-    """Per stage of the spec, from its live Deployment (by stage name) and its placement."""
+def stage_states(flow: Flow, placement: Placement | None, deployments: dict[str, dict],
+                 names: dict[str, tuple[str, str, str]] | None = None) -> tuple[StageState, ...]:
+    """Per stage of the spec, from its live Deployment (by stage name) and its placement; `names`
+    gives each stage's (deployment, service, endpoint) when they are not the default ones."""
     states = []
     for stage in flow.stages:
         dep = deployments.get(stage.name)
+        deployment, service, endpoint = (names or {}).get(stage.name, ("", "", ""))
         placed = placement.of(stage.name) if placement else None
         annotations = ((dep or {}).get("metadata") or {}).get("annotations") or {}
         states.append(StageState(
@@ -100,6 +113,9 @@ def stage_states(flow: Flow, placement: Placement | None, deployments: dict[str,
             replicas=int(((dep or {}).get("spec") or {}).get("replicas", stage.replicas)),
             ready_replicas=deployment_ready_replicas(dep) if dep else 0,
             exists=dep is not None,
+            deployment=deployment,
+            service=service,
+            endpoint=endpoint,
         ))
     return tuple(states)
 
@@ -139,7 +155,14 @@ def conditions(obs: Observation) -> list[Condition]:
     else:
         waiting = ", ".join(f"{s.name} ({s.ready_replicas}/{s.replicas} replicas ready)" for s in obs.stages if not s.ready)
         ready = Condition(READY, False, "StagesNotReady", f"{ready_count}/{total} stages ready; waiting for {waiting}")
-    return [ready, valid, tiers]
+    if obs.spec_problems:
+        degraded = Condition(DEGRADED, None, "InvalidSpec", "placement waits for a valid spec")
+    elif obs.degraded:
+        degraded = Condition(DEGRADED, True, "TierUnavailable", obs.degraded_message or
+                             f"{', '.join(obs.degraded)} has no Ready node")
+    else:
+        degraded = Condition(DEGRADED, False, "AllTiersAvailable", "every tier the flow runs on has Ready nodes")
+    return [ready, valid, tiers, degraded]
 
 
 def phase(obs: Observation) -> str:
@@ -163,7 +186,7 @@ def build_status(flow: Flow | None, obs: Observation, previous: dict | None, now
         "conditions": [c.as_dict(obs.generation, now, old_conditions.get(c.type)) for c in conditions(obs)],
     }
     if flow is None:
-        for key in ("readyStages", "placement", "stages", "links"):
+        for key in ("readyStages", "placement", "stages", "links") + PLAN_FIELDS:
             if key in previous:
                 status[key] = previous[key]
         return status
@@ -174,22 +197,33 @@ def build_status(flow: Flow | None, obs: Observation, previous: dict | None, now
         if s.tier_reason:
             entry["tierReason"] = s.tier_reason
         if s.exists:
-            entry["deployment"] = entry["service"] = object_name(flow.name, s.name)
-            entry["endpoint"] = service_endpoint(flow, flow.stage(s.name))
+            entry["deployment"] = s.deployment or object_name(flow.name, s.name)
+            entry["service"] = s.service or object_name(flow.name, s.name)
+            entry["endpoint"] = s.endpoint or service_endpoint(flow, flow.stage(s.name))
         stages.append(entry)
     status["readyStages"] = f"{sum(s.ready for s in obs.stages)}/{len(obs.stages)}"
     status["placement"] = ", ".join(f"{s.name}:{s.tier}" for s in obs.stages if s.tier)
     status["stages"] = stages
     status["links"] = list(obs.links)
+    status.update({k: v for k, v in obs.plan_status.items() if v is not None})
     return status
 
 
-def hop_links(flow: Flow, placement: Placement) -> tuple[dict, ...]:
-    """The declared conditions of every hop of the flow that crosses tiers, in flow order."""
+def hop_links(flow: Flow, placement: Placement, state=None) -> tuple[dict, ...]:
+    """The network conditions of every hop of the flow that crosses tiers, in flow order: as the
+    planner saw them (`state`, a planner ClusterState: measured, declared, composed or default; the
+    hop from the client on the device to the first stage included), else as declared."""
     hops = []
     tiers = [placement.of(s.name).tier for s in flow.stages]
+    if state is not None:
+        tiers.insert(0, "device")  # the planner's clients send from the device tier
     for a, b in zip(tiers, tiers[1:]):
         if a == b or any(h["from"] == a and h["to"] == b for h in hops):
+            continue
+        if state is not None:
+            used = state.link(a, b)
+            hops.append({"from": a, "to": b, "bandwidthMbps": round(used.bandwidth_mbps, 3),
+                         "rttMs": round(used.rtt_ms, 3), "source": used.source.split()[0].capitalize()})
             continue
         link = flow.link(a, b)
         if link is None:
@@ -202,25 +236,28 @@ def hop_links(flow: Flow, placement: Placement) -> tuple[dict, ...]:
 
 def status_patch(new: dict, old: dict | None) -> dict | None:
     """A merge patch from the old status to the new one (None when equal); keys the new status
-    lacks are removed."""
+    lacks are removed, at any depth (a merge patch keeps what it does not mention)."""
     old = old or {}
-    if new == {k: v for k, v in old.items() if k in new} and set(old) <= set(new):
+    if new == old:
         return None
-    patch = dict(new)
-    for key in old:
-        if key not in new:
-            patch[key] = None
-    return {"status": patch}
+    return {"status": _with_removals(new, old)}
+
+
+def _with_removals(new: dict, old: dict) -> dict:
+    patch = {k: _with_removals(v, old[k]) if isinstance(v, dict) and isinstance(old.get(k), dict) else v
+             for k, v in new.items()}
+    patch.update({k: None for k in old if k not in new})
+    return patch
 
 
 def changed_conditions(new: dict, old: dict | None) -> list[dict]:
-    """Conditions that changed in a way a user should hear about: Ready when its status or reason
-    changes, the others also when their message (the list of problems) changes."""
+    """Conditions that changed in a way a user should hear about: Ready and Degraded when their
+    status or reason changes, the others also when their message (the list of problems) changes."""
     before = {c.get("type"): c for c in (old or {}).get("conditions") or ()}
     out = []
     for c in new["conditions"]:
         prev = before.get(c["type"]) or {}
-        keys = ("status", "reason") if c["type"] == READY else ("status", "reason", "message")
+        keys = ("status", "reason") if c["type"] in (READY,) + ABNORMAL_TRUE else ("status", "reason", "message")
         if any(prev.get(k) != c[k] for k in keys):
             out.append(c)
     return out

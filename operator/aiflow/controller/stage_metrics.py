@@ -1,0 +1,112 @@
+"""Triton stage metrics: what a stage's Triton server reports on its metrics port (8002, `/metrics`).
+
+`parse_triton_metrics` (pure) reads the Prometheus text with `prometheus_client.parser`;
+`stage_times` turns two readings of a stage into its mean request, queue and compute times between
+them. The first stage calls every later one and waits for its answer, so its request time is the
+flow's end-to-end latency minus the client's own call. `read_stage_metrics` does the HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from aiflow.render.manifests import METRICS_PORT
+
+READ_TIMEOUT = 2.0  # seconds; an unreachable stage must not hold a reconcile up
+# Metric family -> StageSample field. Durations are cumulative microseconds, counts cumulative.
+_FIELDS = {
+    "nv_inference_request_success": "success",
+    "nv_inference_request_failure": "failure",
+    "nv_inference_exec_count": "executions",
+    "nv_inference_request_duration_us": "request_us",
+    "nv_inference_queue_duration_us": "queue_us",
+    "nv_inference_compute_infer_duration_us": "compute_us",
+}
+
+
+@dataclass(frozen=True)
+class StageSample:
+    """Cumulative counters of one Triton model (all its versions)."""
+
+    success: float = 0.0
+    failure: float = 0.0
+    executions: float = 0.0
+    request_us: float = 0.0
+    queue_us: float = 0.0
+    compute_us: float = 0.0
+
+
+class StageMetricsError(ValueError):
+    """Metrics text that says nothing usable about the model."""
+
+
+def parse_triton_metrics(text: str, model: str) -> StageSample:
+    """The counters of `model` in Triton's metrics text. Raises StageMetricsError when the text is
+    not Prometheus text, has no sample of the model, or holds a negative or non-finite counter."""
+    values = dict.fromkeys(_FIELDS.values(), 0.0)
+    seen = False
+    try:
+        for family in text_string_to_metric_families(text):
+            key = _FIELDS.get(family.name)  # the parser names counter samples <family>_total
+            for sample in family.samples if key else ():
+                if sample.name not in (family.name, f"{family.name}_total") or sample.labels.get("model") != model:
+                    continue
+                if not math.isfinite(sample.value) or sample.value < 0:
+                    raise StageMetricsError(f"{family.name} of {model} is {sample.value:g}")
+                values[key] += sample.value
+                seen = True
+    except StageMetricsError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise StageMetricsError(f"not Prometheus metrics text: {exc}") from exc
+    if not seen:
+        raise StageMetricsError(f"no nv_inference_* samples of model {model!r}")
+    return StageSample(**values)
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """A stage's mean times over the requests completed between two readings, in milliseconds."""
+
+    requests: float
+    request_ms: float  # receipt to reply (includes the calls to later stages)
+    queue_ms: float
+    compute_ms: float  # per model execution
+
+    def to_status(self, stage: str) -> dict:
+        return {"stage": stage, "requests": int(self.requests), "requestMs": round(self.request_ms, 3),
+                "queueMs": round(self.queue_ms, 3), "computeMs": round(self.compute_ms, 3)}
+
+
+def stage_times(previous: StageSample | None, current: StageSample) -> StageTimes | None:
+    """Mean times between two readings (since the server started without a previous one, or when the
+    counters went back: a restarted server); None when no request completed in between."""
+    base = previous
+    if base is None or current.success < base.success or current.request_us < base.request_us:
+        base = StageSample()
+    done = current.success - base.success
+    if done <= 0:
+        return None
+    executions = max(current.executions - base.executions, 1.0)
+    return StageTimes(done, (current.request_us - base.request_us) / done / 1e3,
+                      (current.queue_us - base.queue_us) / done / 1e3,
+                      (current.compute_us - base.compute_us) / executions / 1e3)
+
+
+def metrics_url(host: str, port: int = METRICS_PORT) -> str:
+    return f"http://{host}:{port}/metrics"
+
+
+def read_stage_metrics(url: str, model: str, timeout: float = READ_TIMEOUT) -> StageSample:
+    """GET a stage's metrics and parse them; StageMetricsError says why when that fails."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (an http URL we built)
+            text = response.read(4 << 20).decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise StageMetricsError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
+    return parse_triton_metrics(text, model)
