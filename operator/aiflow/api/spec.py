@@ -21,6 +21,12 @@ class StageParameters:
     codec: str | None = None
     decoding: str | None = None
 
+    def as_env(self) -> dict[str, str]:
+        """The knobs as the stage runtime reads them: AIFLOW_SPLIT_LAYER, AIFLOW_CODEC, AIFLOW_DECODING
+        (environment in a cluster, load-time parameters on the local runtime); unset knobs omitted."""
+        knobs = {"SPLIT_LAYER": self.split_layer, "CODEC": self.codec, "DECODING": self.decoding}
+        return {f"AIFLOW_{k}": str(v) for k, v in knobs.items() if v is not None}
+
 
 @dataclass(frozen=True)
 class Stage:

@@ -1,4 +1,4 @@
-"""`aiflow up`, `aiflow caption`, `aiflow demo`: the local flow on real Triton servers."""
+"""`aiflow up`, `aiflow caption`, `aiflow demo`, `aiflow link`: the local flow on real Triton servers."""
 
 from __future__ import annotations
 
@@ -28,6 +28,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _conditions_args(p)
     p.add_argument("--base-port", type=int, default=None, help="first of consecutive ports (default: free ports)")
     p.add_argument("--state-dir", default=None, help="where the running flow records itself (default ~/.cache/aiflow/local)")
+    g = p.add_argument_group("adaptive mode: re-plan as the links change (`aiflow link set`), re-partition live")
+    g.add_argument("--adaptive", action="store_true",
+                   help="run the planner's plan of the captioning flow instead of every scheme, and move it "
+                   "make-before-break when a better plan beats the current one by --min-improvement")
+    g.add_argument("--min-improvement", type=float, default=10.0, metavar="PERCENT",
+                   help="predicted latency gain a move needs (default 10)")
+    g.add_argument("--cooldown", type=float, default=60.0, metavar="SECONDS",
+                   help="least time between two moves (default 60)")
+    g.add_argument("--interval", type=float, default=10.0, metavar="SECONDS",
+                   help="re-plan at least this often; a link change re-plans at once (default 10)")
+    g.add_argument("--profile", default=None, metavar="FILE",
+                   help="planner profile (default $AIFLOW_PLANNER_PROFILE, else the shipped one)")
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser(
@@ -64,9 +76,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _conditions_args(p)
     p.set_defaults(func=cmd_demo)
 
+    link = subparsers.add_parser(
+        "link",
+        help="show or change the emulated links of the running flow",
+        description="Show or change, live, the emulated links of the running `aiflow up` (in adaptive "
+        "mode a change makes the flow re-plan).",
+    )
+    link_sub = link.add_subparsers(dest="link_command", metavar="COMMAND")
+    link.set_defaults(func=lambda args: link.print_help() or 2)
+    p = link_sub.add_parser("show", help="each link's settings and the bytes it carried")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.add_argument("--state-dir", default=None, help="state directory of the running `aiflow up`")
+    p.set_defaults(func=cmd_link_show)
+    p = link_sub.add_parser(
+        "set", help="change a link live",
+        description="Change some settings of one link; the others keep their values. Bandwidth in bits/s "
+        "with a unit (2mbit, 800kbit, unlimited), latency one way (20ms, 0.1s). Up = towards the cloud.",
+    )
+    p.add_argument("--link", default="device->edge", help="device->edge (default) or edge->cloud")
+    for direction in ("up", "down"):
+        p.add_argument(f"--bandwidth-{direction}", default=None, metavar="RATE")
+        p.add_argument(f"--latency-{direction}", default=None, metavar="DURATION")
+    p.add_argument("--state-dir", default=None, help="state directory of the running `aiflow up`")
+    p.set_defaults(func=cmd_link_set)
+
 
 def _scheme_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheme", choices=SCHEME_NAMES, default="split", help="default split")
+    p.add_argument("--scheme", choices=SCHEME_NAMES + ("adaptive",), default=None,
+                   help="default: the adaptive plan when `aiflow up --adaptive` runs, else split")
     p.add_argument("--split-layer", type=int, default=None,
                    help=f"split schemes: encoder layers run on the device (default {DEFAULT_SPLIT_LAYER})")
     p.add_argument("--codec", default=None, help=f"split schemes: feature codec (default {DEFAULT_CODEC})")
@@ -141,6 +178,8 @@ def cmd_up(args) -> int:
     from aiflow.flow.schemes import build_schemes
 
     conditions = conditions_from(args)
+    if args.adaptive:
+        return _up_adaptive(args, conditions)
     with _flow_errors():
         print("aiflow up: starting one tritonserver per tier and loading every scheme's stages ...", flush=True)
         with _runtime(conditions, base_port=args.base_port, state_dir=args.state_dir) as (runtime, flow):
@@ -149,6 +188,51 @@ def cmd_up(args) -> int:
                 print(f"  scheme {scheme.describe()}")
             print("ready: try `aiflow caption IMAGE.png --scheme split` (Ctrl-C to stop)", flush=True)
             runtime.serve_forever()
+    print("aiflow up: stopped")
+    return 0
+
+
+def _adaptive_policy(args):
+    from aiflow.planner.hysteresis import Policy
+
+    if not 0 <= args.min_improvement < 100:
+        raise CLIError(f"--min-improvement {args.min_improvement:g}: choose a percentage in 0..100")
+    if not args.cooldown >= 0:
+        raise CLIError(f"--cooldown {args.cooldown:g}: seconds, 0 or more")
+    if not args.interval > 0:
+        raise CLIError(f"--interval {args.interval:g}: seconds, more than 0")
+    return Policy(args.min_improvement / 100.0, float(args.cooldown))
+
+
+def _up_adaptive(args, conditions: Conditions) -> int:
+    from aiflow.flow.adaptive import AdaptiveController
+    from aiflow.planner.documents import DocumentError
+    from aiflow.planner.placement import planner_profile
+    from aiflow.planner.profile import load_profile
+
+    policy = _adaptive_policy(args)
+    try:
+        profile = load_profile(args.profile) if args.profile else planner_profile()
+    except DocumentError as exc:
+        raise CLIError(str(exc)) from None
+    with _flow_errors():
+        print("aiflow up --adaptive: starting one tritonserver per tier ...", flush=True)
+        with _runtime(conditions, wires=[], base_port=args.base_port, state_dir=args.state_dir) as (runtime, _):
+            _print_runtime(runtime, conditions)
+            print(f"  planning with the {profile.source} profile; a move needs {policy.min_improvement:.0%} "
+                  f"predicted gain, {policy.cooldown_s:g} s apart", flush=True)
+            controller = AdaptiveController(runtime, profile, policy, interval_s=args.interval,
+                                            say=lambda line: print(line, flush=True))
+            try:
+                controller.start()
+            except RuntimeError as exc:
+                raise CLIError(str(exc)) from None
+            print("ready: try `aiflow caption IMAGE.png`, then `aiflow link set --bandwidth-up 500kbit` "
+                  "(Ctrl-C to stop)", flush=True)
+            try:
+                runtime.serve_forever()
+            finally:
+                controller.stop()
     print("aiflow up: stopped")
     return 0
 
@@ -163,12 +247,14 @@ def _read_images(paths) -> list[tuple[str, bytes]]:
 
 
 def cmd_caption(args) -> int:
-    from aiflow.flow.client import caption_images, format_result
+    from aiflow.flow.client import caption_images
     from aiflow.flow.schemes import RunningFlow, get_scheme, wiring
 
     images = _read_images(args.images)
     with _flow_errors():
-        scheme = get_scheme(args.scheme, args.split_layer, args.codec, args.upload)
+        if args.scheme == "adaptive" or (args.scheme is None and not args.ephemeral and _adaptive_running(args.state_dir)):
+            return _caption_adaptive(args, images)
+        scheme = get_scheme(args.scheme or "split", args.split_layer, args.codec, args.upload)
         if args.ephemeral:
             conditions = conditions_from(args)
             with tempfile.TemporaryDirectory(prefix="aiflow-caption-") as state, \
@@ -180,11 +266,83 @@ def cmd_caption(args) -> int:
             flow = RunningFlow(read_state(args.state_dir))
             flow.apply(wiring(scheme))
             results = caption_images(flow, scheme, images, args.timeout)
-    if args.output == "json":
+    _print_captions(results, args.output)
+    return 0
+
+
+def _print_captions(results, output: str) -> None:
+    from aiflow.flow.client import format_result
+
+    if output == "json":
         print(json.dumps([r.as_dict() for r in results], indent=1))
     else:
         for r in results:
             print("\n".join(format_result(r)))
+
+
+def _adaptive_running(state_dir) -> bool:
+    from aiflow.flow.adaptive import STATE_KEY
+    from aiflow.flow.local import RuntimeNotRunning, read_state
+
+    try:
+        return bool(read_state(state_dir).get(STATE_KEY))
+    except RuntimeNotRunning:
+        return False
+
+
+def _caption_adaptive(args, images) -> int:
+    from aiflow.flow.adaptive import caption_serving
+
+    if args.ephemeral:
+        raise CLIError("--scheme adaptive follows a running `aiflow up --adaptive`; drop --ephemeral")
+    if args.split_layer is not None or args.codec is not None or args.upload != "png":
+        raise CLIError("--split-layer, --codec and --upload are the planner's choice with --scheme adaptive; drop them")
+    _print_captions(caption_serving(args.state_dir, images, args.timeout), args.output)
+    return 0
+
+
+def cmd_link_show(args) -> int:
+    from aiflow.flow.links import LinkConfig, remote_links
+    from aiflow.flow.local import read_state
+
+    with _flow_errors():
+        try:
+            links = remote_links(read_state(args.state_dir)["control_url"])
+        except ConnectionError as exc:
+            raise CLIError(str(exc)) from None
+    if args.output == "json":
+        print(json.dumps(links, indent=1))
+        return 0
+    for name, view in links.items():
+        config = LinkConfig(**view["config"])
+        print(f"{name}: {config.describe()}; carried up {view['bytes_up']:,} B, down {view['bytes_down']:,} B; "
+              f"{view['connections']} open connection(s)")
+    return 0
+
+
+def cmd_link_set(args) -> int:
+    from aiflow.flow.links import LinkConfig, parse_duration, parse_rate
+    from aiflow.flow.local import set_link
+
+    changes = {}
+    for direction in ("up", "down"):
+        for knob, parse in (("bandwidth", parse_rate), ("latency", parse_duration)):
+            value = getattr(args, f"{knob}_{direction}")
+            if value is not None:
+                try:
+                    parse(value)  # say what is wrong here, before asking the running flow
+                except ValueError as exc:
+                    raise CLIError(f"--{knob}-{direction}: {exc}") from None
+                changes[f"{knob}_{direction}"] = value
+    if not changes:
+        raise CLIError("nothing to change: give --bandwidth-up/--bandwidth-down and/or --latency-up/--latency-down")
+    with _flow_errors():
+        try:
+            view = set_link(args.link, args.state_dir, **changes)
+        except ConnectionError as exc:
+            raise CLIError(str(exc)) from None
+    for name, link in view.items():
+        print(f"{name}: {LinkConfig(**link['config']).describe()}")
     return 0
 
 

@@ -238,6 +238,8 @@ class LocalRuntime:
         self._started = False
         self._started_at = 0.0
         self._signals: dict = {}
+        self._published: dict = {}  # more the state file carries (e.g. the adaptive plan)
+        self._state_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -403,11 +405,20 @@ class LocalRuntime:
             },
             "links": {link.name: asdict(link.config) for link in self.links.values()},
             "routes": {link_name(r): p.address for r, p in self.proxies.items()},
+            **self._published,
         }
+
+    def publish(self, key: str, value) -> None:
+        """Record `value` under `key` in the state file, for other processes (e.g. the adaptive plan
+        `aiflow caption` follows)."""
+        with self._state_lock:
+            self._published[key] = value
+            if self._started:
+                self._write_state()
 
     def _write_state(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_dir / f".{STATE_FILE}.{os.getpid()}"
+        tmp = self.state_dir / f".{STATE_FILE}.{os.getpid()}.{threading.get_ident()}"
         tmp.write_text(json.dumps(self.state(), indent=2))
         tmp.replace(self.state_dir / STATE_FILE)
 

@@ -94,13 +94,7 @@ def stage_env(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage
     if successor is not None:
         env["AIFLOW_NEXT_URL"] = service_endpoint(flow, successor)
         env["AIFLOW_NEXT_MODEL"] = successor.model
-    knobs = placed.parameters
-    if knobs.split_layer is not None:
-        env["AIFLOW_SPLIT_LAYER"] = str(knobs.split_layer)
-    if knobs.codec is not None:
-        env["AIFLOW_CODEC"] = knobs.codec
-    if knobs.decoding is not None:
-        env["AIFLOW_DECODING"] = knobs.decoding
+    env.update(placed.parameters.as_env())
     # The root filesystem is read-only: caches of Python libraries go to the writable /tmp.
     env["HOME"] = "/tmp"
     env.update(dict(stage.env))
