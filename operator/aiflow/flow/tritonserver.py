@@ -417,8 +417,9 @@ class TritonServer:
         while True:
             if (code := self.process.poll()) is not None:
                 raise self._startup_error(f"exited with code {code} during startup")
-            # Our own log must show both endpoints up: a server that lost a port race would
-            # otherwise pass the health check by reaching the winner on the shared port.
+            # Our own log must show every endpoint up: a server that lost a port race would
+            # otherwise pass the health check by reaching the winner on the shared port, and the
+            # metrics endpoint starts last, after the server already answers ready.
             if self._endpoints_started() and self._http_ok("/v2/health/ready"):
                 return
             if time.monotonic() > deadline:
@@ -428,7 +429,8 @@ class TritonServer:
     def _endpoints_started(self) -> bool:
         with contextlib.suppress(OSError):
             log = self.log_path.read_text(errors="replace")
-            return "Started GRPCInferenceService at" in log and "Started HTTPService at" in log
+            return all(f"Started {service} at" in log
+                       for service in ("GRPCInferenceService", "HTTPService", "Metrics Service"))
         return False
 
     def _startup_error(self, what: str) -> TritonError:
