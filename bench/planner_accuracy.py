@@ -15,80 +15,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from aiflow import TIERS
-from aiflow.api.spec import parse_flow
 from aiflow.flow.compare import heldout_images, run_scheme
-from aiflow.flow.schemes import Conditions, Placement, Scheme, start_runtime, wiring
-from aiflow.planner.cluster import LinkState, TierState, cluster_state
+from aiflow.flow.planning import FLOWS, conditions_cluster, describe_option, flow_of, option_scheme, runnable
+from aiflow.flow.schemes import Conditions, start_runtime, wiring
 from aiflow.planner.problem import Problem
 from aiflow.planner.profile import load_profile
 from aiflow.planner.solver import plan
 
 TARGET = 0.15
 SEED = 5005  # held-out scenes of their own (the profile uses another seed)
-FLOWS = {  # name -> stage models, every stage `auto`
-    "spec": ("vision_head", "caption_drafter", "caption_verifier"),
-    "split": ("vision_head", "caption_decoder"),
-    "whole": ("captioner",),
-}
-
-
-def flow_of(name: str, models: tuple[str, ...]):
-    stages = [{"name": m.split("_")[-1], "model": m, "tier": "auto"} for m in models]
-    return parse_flow({"apiVersion": "aiflow.io/v1alpha1", "kind": "AIFlow", "metadata": {"name": name}, "spec": {"stages": stages}})
-
-
-def cluster_of(c: Conditions):
-    """The planner's view of the emulated runtime: one node per tier, its compute factor, no load; the
-    two physical links (device->cloud is composed through the edge, as the runtime routes it)."""
-    factors = c.compute_factors()
-    tiers = [TierState(t, nodes=1, ready_nodes=1, compute_factor=factors[t], source="measured") for t in TIERS]
-    links = [
-        LinkState("device", "edge", c.uplink_mbps, c.rtt_ms, "measured"),
-        LinkState("edge", "cloud", c.edge_uplink_mbps, c.edge_rtt_ms, "measured"),
-    ]
-    return cluster_state(tiers, observed_links=links)
-
-
-def runnable(tiers: tuple[str, ...]) -> bool:
-    """The local runtime's links carry calls from a lower tier to a higher one (or within a tier)."""
-    order = [TIERS.index(t) for t in tiers]
-    return all(a <= b for a, b in zip(order, order[1:]))
-
-
-def scheme_of(result, option) -> Scheme:
-    """A plan option as a local scheme: each stage on its tier with the plan's knobs."""
-    as_chosen = dataclasses.replace(result, chosen=option)
-    chain = []
-    for stage, tier in zip(result.stages, option.candidate.tiers):
-        knobs = as_chosen.parameters(stage)
-        env = {
-            "AIFLOW_SPLIT_LAYER": knobs.split_layer,
-            "AIFLOW_CODEC": knobs.codec,
-            "AIFLOW_DECODING": knobs.decoding,
-        }
-        model = as_chosen.chosen.estimate.stages[result.stages.index(stage)].model
-        chain.append(Placement(tier, model, {k: str(v) for k, v in env.items() if v is not None}))
-    name = describe_option(result, option)
-    return Scheme(name, name, tuple(chain))
-
-
-def describe_option(result, option) -> str:
-    c = option.candidate
-    parts = [" > ".join(f"{s}@{t}" for s, t in zip(result.stages, c.tiers))]
-    if c.split is not None:
-        parts.append(f"s{c.split}")
-    if c.codec:
-        parts.append(c.codec)
-    parts.append(c.decoding)
-    return " ".join(parts)
 
 
 def conditions_for(uplink: float, rtt: float) -> Conditions:
@@ -101,7 +42,7 @@ def planned(uplinks, rtts, profile, alternatives: int) -> list[dict]:
     for uplink in uplinks:
         for rtt in rtts:
             cond = conditions_for(uplink, rtt)
-            cluster = cluster_of(cond)
+            cluster = conditions_cluster(cond)
             for fname, models in FLOWS.items():
                 result = plan(Problem(flow_of(fname, models), cluster, profile), alternatives=alternatives)
                 for rank, option in enumerate((result.chosen, *result.alternatives)):
@@ -115,7 +56,7 @@ def planned(uplinks, rtts, profile, alternatives: int) -> list[dict]:
                         "predicted_calls_ms": sum(h.ms for h in option.estimate.hops),
                         "predicted_stages": " | ".join(f"{x.tier}:{x.model} {x.ms:.0f}" for x in option.estimate.stages),
                         "predicted_calls": " | ".join(f"{h.src_tier}->{h.dst_tier} {h.ms:.0f}" for h in option.estimate.hops),
-                        "_scheme": scheme_of(result, option),
+                        "_scheme": option_scheme(result, option),
                     })
     return rows
 

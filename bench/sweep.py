@@ -189,11 +189,11 @@ class Choice:
 def adaptive_choice(point: GridPoint, settings: Settings, profile, statics: Mapping[str, Scheme]) -> Choice:
     """Plan every captioning flow for the point's conditions; take the fastest predicted option the
     local runtime can run (its links carry calls up the tiers only)."""
-    from bench.planner_accuracy import FLOWS, cluster_of, describe_option, flow_of, runnable, scheme_of
+    from aiflow.flow.planning import FLOWS, conditions_cluster, describe_option, flow_of, option_scheme, runnable
     from aiflow.planner.problem import PlanError, Problem
     from aiflow.planner.solver import plan
 
-    cluster = cluster_of(conditions(point, settings))
+    cluster = conditions_cluster(conditions(point, settings))
     options, refused = [], []
     for fname, models in FLOWS.items():
         try:
@@ -214,7 +214,7 @@ def adaptive_choice(point: GridPoint, settings: Settings, profile, statics: Mapp
     first = options[0]
     note = "planner's first choice" if first is runnable_options[0] else (
         f"the first choice ({describe_option(first[3], first[4])}) calls down the tiers, which the local links do not carry")
-    scheme = normalised(scheme_of(result, option))
+    scheme = normalised(option_scheme(result, option))
     key = chain_key(scheme)
     same_as = next((label for label, s in statics.items() if chain_key(s) == key), "")
     text = describe_option(result, option)
@@ -282,7 +282,7 @@ class Deployment:
 def deployment(schemes: Sequence[Scheme], first: int) -> Deployment:
     """Name a model copy for every distinct stage (tier, model, knobs and the stages after it) of
     `schemes`, numbered from `first`."""
-    from aiflow.flow.adaptive import copy_name
+    from aiflow.flow.planning import copy_name
     from aiflow.flow.schemes import Wire
 
     names: dict[tuple, str] = {}

@@ -2,9 +2,9 @@
 re-partition the running flow live, make-before-break.
 
 The planner sees the local runtime as a cluster: one Ready node per tier with the tier's compute
-factor, and per link direction the emulated bandwidth and round trip (`cluster_of`). It plans the
-captioning flow (`vision_head -> caption_drafter -> caption_verifier`, every stage on an `auto`
-tier, as examples/auto-placement.yaml) with the same functions the operator's rescheduler uses:
+factor, and per link direction the emulated bandwidth and round trip (`planning.cluster_of`). It
+plans the captioning flow (`vision_head -> caption_drafter -> caption_verifier`, every stage on an
+`auto` tier, as examples/auto-placement.yaml) with the same functions the operator's rescheduler uses:
 `solver.plan` for the best plan, `solver.assess` for the running one under the new conditions,
 `hysteresis.decide` for whether to move.
 
@@ -28,16 +28,14 @@ from pathlib import Path
 
 from aiflow.api.spec import Flow, Stage, Triton
 from aiflow.flow.links import LinkConfig
+from aiflow.flow.planning import SCHEME_NAME, UNSHAPED_MBPS, cluster_of, copy_name, scheme_of, source_model
 from aiflow.flow.schemes import Placement, RunningFlow, Scheme, Wire, wiring
-from aiflow.planner.cluster import DECLARED, ClusterState, LinkState, TierState, cluster_state
 from aiflow.planner.hysteresis import Decision, Policy, decide
 from aiflow.planner.problem import PlanError, Problem
 from aiflow.planner.profile import Profile
 from aiflow.planner.solver import Plan, assess, plan
 
 STATE_KEY = "adaptive"
-SCHEME_NAME = "adaptive"
-UNSHAPED_MBPS = 10_000.0  # an unshaped emulated link, as the planner sees it
 DEFAULT_INTERVAL_S = 10.0  # re-plan at least this often; a link change re-plans at the next poll
 POLL_S = 0.2
 DEFAULT_GRACE_S = 2.0  # after the switch: time for a client that read the old entry to reach it
@@ -50,47 +48,7 @@ def captioning_flow() -> Flow:
     return Flow(name="captioning", namespace="local", stages=stages, triton=Triton(image="local"))
 
 
-# ---- the pure part: the cluster the planner sees, the chain a plan runs as -----------------------
-
-
-def _mbps(bits_per_s: float | None) -> float:
-    return UNSHAPED_MBPS if bits_per_s is None else bits_per_s / 1e6
-
-
-def cluster_of(links: Mapping[str, LinkConfig], compute_factors: Mapping[str, float]) -> ClusterState:
-    """The local runtime as the planner's cluster: one Ready node per running tier with its compute
-    factor; per link ("device->edge") the up direction from the lower tier, the down one back, both
-    with the round trip (latency up + down). Tiers not running have no node."""
-    tiers = [TierState(t, nodes=1, ready_nodes=1, compute_factor=float(f), source=DECLARED)
-             for t, f in compute_factors.items()]
-    states = []
-    for name, config in links.items():
-        low, _, high = name.partition("->")
-        rtt_ms = (config.latency_up + config.latency_down) * 1e3
-        states += [LinkState(low, high, _mbps(config.bandwidth_up), rtt_ms, DECLARED),
-                   LinkState(high, low, _mbps(config.bandwidth_down), rtt_ms, DECLARED)]
-    return cluster_state(tiers, declared_links=states)
-
-
-def copy_name(model: str, revision: int) -> str:
-    """The name a revision's copy of a model_repo/ model is loaded under."""
-    return f"{model}.r{revision}"
-
-
-def source_model(name: str) -> str:
-    """The model_repo/ model a copy was made from (`vision_head.r2` -> `vision_head`)."""
-    base, sep, number = name.rpartition(".r")
-    return base if sep and number.isdigit() else name
-
-
-def scheme_of(result: Plan, flow: Flow, revision: int) -> Scheme:
-    """The chain a plan runs as on the local runtime: each stage's model copy on the planned tier, with
-    the planned split layer, codec and decoding as load-time parameters."""
-    chain = []
-    for stage in flow.stages:
-        params = result.parameters(stage.name).as_env()
-        chain.append(Placement(result.tier_of(stage.name), copy_name(stage.model, revision), params))
-    return Scheme(f"{SCHEME_NAME}-r{revision}", result.reason, tuple(chain))
+# ---- the pure part: the chain a plan runs as (aiflow.flow.planning), its record in the state file ----
 
 
 def scheme_dict(scheme: Scheme) -> dict:
@@ -367,7 +325,7 @@ def caption_serving(state_path, images: Sequence[tuple[str, bytes]], timeout_s: 
     return results
 
 
-__all__ = [
-    "AdaptiveController", "DecisionLog", "Revision", "captioning_flow", "caption_serving", "cluster_of",
-    "copy_name", "scheme_of", "serving_scheme", "source_model",
+__all__ = [  # the planning names are re-exported: the adaptive runtime's callers find them here too
+    "SCHEME_NAME", "UNSHAPED_MBPS", "AdaptiveController", "DecisionLog", "Revision", "captioning_flow",
+    "caption_serving", "cluster_of", "copy_name", "scheme_of", "serving_scheme", "source_model",
 ]
