@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--split",
         choices=("train", "heldout"),
         default="heldout",
-        help="heldout (default): colour-shape combinations the model never saw in training",
+        help="heldout (default): scenes with a colour-shape pair in a grid cell where training never shows it",
     )
     p.set_defaults(func=cmd_generate)
 
