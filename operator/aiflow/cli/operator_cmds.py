@@ -76,7 +76,8 @@ def _read_yaml_documents(path: str) -> list:
         raise CLIError(f"{path} is not valid YAML: {exc}") from exc
 
 
-def _flows(path: str) -> list:
+def read_flows(path: str) -> list:
+    """The manifests of a file (or - for stdin); every command that takes -f FLOW.yaml reads them here."""
     docs = _read_yaml_documents(path)
     if not docs:
         raise CLIError(f"{path} holds no manifest")
@@ -95,7 +96,8 @@ def _cluster(path: str | None):
         raise CLIError(f"{path}: {exc}") from exc
 
 
-def _label(doc, index: int) -> str:
+def flow_label(doc, index: int) -> str:
+    """How messages name a manifest: its AIFlow name, else its position in the file."""
     name = (doc.get("metadata") or {}).get("name") if isinstance(doc, dict) else None
     return f"AIFlow {name}" if name else f"document {index + 1}"
 
@@ -105,15 +107,15 @@ def cmd_validate(args) -> int:
 
     cluster = _cluster(args.nodes) if args.nodes else None
     failed = 0
-    for i, doc in enumerate(_flows(args.filename)):
+    for i, doc in enumerate(read_flows(args.filename)):
         problems = validate_manifest(doc, cluster=cluster)
         if problems:
             failed += 1
-            print(f"{_label(doc, i)}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
+            print(f"{flow_label(doc, i)}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
             for p in problems:
                 print(f"  {p}")
         else:
-            print(f"{_label(doc, i)}: OK")
+            print(f"{flow_label(doc, i)}: OK")
     return 1 if failed else 0
 
 
@@ -125,14 +127,14 @@ def cmd_render(args) -> int:
 
     cluster = _cluster(args.nodes)
     objects = []
-    for i, doc in enumerate(_flows(args.filename)):
+    for i, doc in enumerate(read_flows(args.filename)):
         problems = validate_manifest(doc, cluster=cluster)
         if problems:
             lines = "\n".join(f"  {p}" for p in problems)
-            raise CLIError(f"{_label(doc, i)} is not valid; nothing rendered:\n{lines}")
+            raise CLIError(f"{flow_label(doc, i)} is not valid; nothing rendered:\n{lines}")
         flow = parse_flow(doc, args.namespace or "default")
         if args.namespace and flow.namespace != args.namespace:
-            raise CLIError(f"{_label(doc, i)} names namespace {flow.namespace}, not {args.namespace}")
+            raise CLIError(f"{flow_label(doc, i)} names namespace {flow.namespace}, not {args.namespace}")
         # A new flow starts at revision 1, serving itself: what reconcile applies first.
         objects.extend(render_revision(flow, resolve_placement(flow, cluster), 1, 1))
     yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, default_flow_style=False)

@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_plan(args) -> int:
     from aiflow.api.spec import parse_flow
     from aiflow.api.validate import validate_manifest
-    from aiflow.cli.operator_cmds import _flows, _label
+    from aiflow.cli.operator_cmds import flow_label, read_flows
     from aiflow.planner.cluster import declared_links, load_cluster
     from aiflow.planner.documents import DocumentError
     from aiflow.planner.problem import PlanError, Problem
@@ -62,12 +62,12 @@ def cmd_plan(args) -> int:
         raise CLIError("--alternatives must be 0 or more")
     if args.min_quality is not None and not 0 <= args.min_quality <= 100:
         raise CLIError("--min-quality must be between 0 and 100")
-    docs = _flows(args.filename)
+    docs = read_flows(args.filename)
     if len(docs) != 1:
         raise CLIError(f"{args.filename} holds {len(docs)} documents; plan one AIFlow at a time")
     problems = validate_manifest(docs[0])
     if problems:
-        raise CLIError(f"{_label(docs[0], 0)} is not valid:\n" + "\n".join(f"  {p}" for p in problems))
+        raise CLIError(f"{flow_label(docs[0], 0)} is not valid:\n" + "\n".join(f"  {p}" for p in problems))
     flow = parse_flow(docs[0])
     try:
         profile = load_profile(args.profile)
