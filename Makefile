@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # or pip resolves the multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test check-control-plane bench clean
 
 $(BIN)/aiflow: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,15 @@ setup: $(BIN)/aiflow
 demo: setup
 	$(BIN)/aiflow demo
 
-test: setup
+test: setup check-control-plane
 	$(BIN)/python -m pytest -q
 
+# The operator image has no torch: install without the flow extra and run validate/render/plan.
+check-control-plane:
+	PYTHON=$(PYTHON) scripts/check-control-plane.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-control-plane .pytest_cache
 
 # The kind path (docs/install.md): a local cluster with one worker per tier, the images, the chart,
 # the captioning example, and a caption through it. Needs docker, kind, kubectl and helm.

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from aiflow.flow import quality, scenes, stages
+from aiflow.model import quality, scenes
+from aiflow.contract import ROLES_BY_NAME
+from aiflow.stage.config import stage_config
+from aiflow.stage.logic import Stage
 
 CODECS = (
     "fp32",
@@ -42,10 +45,10 @@ def encoded(arrays, fmt: str, **kw) -> list[bytes]:
     return out
 
 
-def stage(role: str, family, **knobs) -> stages.Stage:
-    accepts, emits = stages.ROLES_BY_NAME[role]
+def stage(role: str, family, **knobs) -> Stage:
+    accepts, emits = ROLES_BY_NAME[role]
     params = {"aiflow.accepts": accepts, "aiflow.emits": emits, **{f"AIFLOW_{k.upper()}": str(v) for k, v in knobs.items()}}
-    return stages.Stage(stages.stage_config(role, params, {}), family)
+    return Stage(stage_config(role, params, {}), family)
 
 
 def run(family, count: int, seed: int, splits: list[int], codecs: list[str]) -> list[dict]:
@@ -99,7 +102,7 @@ def write(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    from aiflow.flow.model import load_family
+    from aiflow.model.family import load_family
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)

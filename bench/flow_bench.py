@@ -15,8 +15,8 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from aiflow.flow.compare import demo_schemes, format_table, heldout_images, run_scheme
-from aiflow.flow.schemes import Conditions, start_runtime
+from aiflow.local.compare import demo_schemes, format_table, heldout_images, run_scheme
+from aiflow.local.schemes import Conditions, start_runtime
 
 
 def run(count: int, uplinks: list[float], seed: int, conditions: Conditions, split_layer=None, codec=None) -> list[dict]:

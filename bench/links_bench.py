@@ -12,7 +12,7 @@ import csv
 import statistics
 from pathlib import Path
 
-from aiflow.flow.links import (
+from aiflow.local.links import (
     Link,
     LinkConfig,
     LinkProxy,

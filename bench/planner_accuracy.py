@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from aiflow.flow.compare import heldout_images, run_scheme
-from aiflow.flow.planning import FLOWS, conditions_cluster, describe_option, flow_of, option_scheme, runnable
-from aiflow.flow.schemes import Conditions, start_runtime, wiring
+from aiflow.local.compare import heldout_images, run_scheme
+from aiflow.local.planning import FLOWS, conditions_cluster, describe_option, flow_of, option_scheme, runnable
+from aiflow.local.schemes import Conditions, start_runtime, wiring
 from aiflow.planner.problem import Problem
 from aiflow.planner.profile import load_profile
 from aiflow.planner.solver import plan

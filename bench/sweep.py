@@ -38,7 +38,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/sweep.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiflow.flow.schemes import DEFAULT_CODEC, DEFAULT_SPLIT_LAYER, Conditions, Scheme, get_scheme
+from aiflow.local.schemes import DEFAULT_CODEC, DEFAULT_SPLIT_LAYER, Conditions, Scheme, get_scheme
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results"
@@ -189,7 +189,7 @@ class Choice:
 def adaptive_choice(point: GridPoint, settings: Settings, profile, statics: Mapping[str, Scheme]) -> Choice:
     """Plan every captioning flow for the point's conditions; take the fastest predicted option the
     local runtime can run (its links carry calls up the tiers only)."""
-    from aiflow.flow.planning import FLOWS, conditions_cluster, describe_option, flow_of, option_scheme, runnable
+    from aiflow.local.planning import FLOWS, conditions_cluster, describe_option, flow_of, option_scheme, runnable
     from aiflow.planner.problem import PlanError, Problem
     from aiflow.planner.solver import plan
 
@@ -268,22 +268,22 @@ def set_links(runtime, point: GridPoint, settings: Settings) -> None:
 
 
 # Every chain of one compute factor is loaded side by side, each distinct stage as a copy of its
-# model_repo/ model under a name of its own (aiflow.flow.adaptive's model copies: same config, same
+# model_repo/ model under a name of its own (aiflow.local.adaptive's model copies: same config, same
 # code), so at every grid point the schemes take turns request by request and share whatever load the
 # machine has at that moment.
 
 
 @dataclass(frozen=True)
 class Deployment:
-    wires: tuple  # aiflow.flow.schemes.Wire, one per distinct stage, each a model copy
+    wires: tuple  # aiflow.local.schemes.Wire, one per distinct stage, each a model copy
     chains: Mapping[str, Scheme]  # label -> the chain as loaded (copy names)
 
 
 def deployment(schemes: Sequence[Scheme], first: int) -> Deployment:
     """Name a model copy for every distinct stage (tier, model, knobs and the stages after it) of
     `schemes`, numbered from `first`."""
-    from aiflow.flow.planning import copy_name
-    from aiflow.flow.schemes import Wire
+    from aiflow.local.planning import copy_name
+    from aiflow.local.schemes import Wire
 
     names: dict[tuple, str] = {}
     wires, chains = [], {}
@@ -304,7 +304,7 @@ def load(flow, dep: Deployment) -> None:
     """Load every stage copy of `dep` side by side (each load starts a Python stub that imports torch)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from aiflow.flow.adaptive import load_copy
+    from aiflow.local.adaptive import load_copy
 
     with ThreadPoolExecutor(max_workers=len(dep.wires)) as pool:
         list(pool.map(lambda w: load_copy(flow, w), dep.wires))
@@ -326,7 +326,7 @@ class Camera:
 
     def caption(self, name: str, image: bytes):
         """One request: (Captioned, bytes each link carried upstream for it as the link proxies counted)."""
-        from aiflow.flow.client import Captioned, add_link_times, encode_upload, infer, link_bytes
+        from aiflow.local.client import Captioned, add_link_times, encode_upload, infer, link_bytes
 
         upload = encode_upload(image, self.scheme.upload)
         before = self._counters()
@@ -378,8 +378,8 @@ def blocks(settings: Settings, statics: Mapping[str, Scheme], choices: Mapping) 
 def run(settings: Settings, profile, profile_source: str, command: str = "python -m bench.sweep",
         log: Callable[[str], None] = print) -> dict:
     """Measure the whole grid on one local runtime; return the results document (rows, quality, meta)."""
-    from aiflow.flow.compare import heldout_images
-    from aiflow.flow.schemes import start_runtime
+    from aiflow.local.compare import heldout_images
+    from aiflow.local.schemes import start_runtime
 
     settings.check()
     statics = static_schemes(settings)
@@ -478,7 +478,7 @@ def _triton_version(runtime) -> str:
 
 
 def _machine(triton_version: str, load_start: float) -> dict:
-    from aiflow.flow.profiling import machine_info
+    from aiflow.local.profiling import machine_info
 
     info = machine_info(triton_version)
     info.pop("measuredAt", None)
@@ -537,7 +537,7 @@ def chain_quality(cells: Sequence[Cell], references: Mapping[str, str],
     """Caption quality per chain over every distinct scene it captioned anywhere in the grid, plus
     `extra` captions taken for quality only (captions do not depend on links or compute factors; a
     chain that captioned a scene two ways is counted as inconsistent). Keyed by chain description."""
-    from aiflow.flow.quality import score
+    from aiflow.model.quality import score
 
     seen: dict[str, dict[str, set[str]]] = {}
     captioned = [(c.chain, c.captions) for c in cells] + list((extra or {}).items())

@@ -28,7 +28,7 @@ def wait_until_ready(client, url: str, timeout_s: float) -> None:
 def fresh_scene(seed: int) -> tuple[bytes, str]:
     from PIL import Image
 
-    from aiflow.flow.scenes import make_scene
+    from aiflow.model.scenes import make_scene
 
     pixels, scene = make_scene(seed, 0, split="heldout")
     buf = io.BytesIO()
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tritonclient.grpc as grpcclient
 
-    from aiflow.flow.client import CaptionError, infer
+    from aiflow.local.client import CaptionError, infer
 
     if args.images:
         items = [(path, open(path, "rb").read(), None) for path in args.images]

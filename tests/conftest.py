@@ -2,5 +2,5 @@
 
 pytest_plugins = [
     "tests.kube.fixtures",  # emulated Kubernetes API server
-    "tests.flow.fixtures",  # real tritonserver processes, trained model family
+    "tests.local.fixtures",  # real tritonserver processes, trained model family
 ]

@@ -278,7 +278,7 @@ def test_the_package_builds_from_the_image_build_context_without_the_data_plane(
         metadata = email.parser.Parser().parsestr(
             zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
     for module in ("aiflow/cli/operator_cmds.py", "aiflow/controller/handlers.py", "aiflow/linkprobe.py",
-                   "aiflow/flow/weights/manifest.json"):
+                   "aiflow/model/weights/manifest.json"):
         assert module in names
     assert not any("__pycache__" in n for n in names)
     base = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from aiflow.flow import scenes
-from aiflow.flow.schemes import RunningFlow, get_scheme, startup_wiring, wiring
+from aiflow.model import scenes
+from aiflow.local.schemes import RunningFlow, get_scheme, startup_wiring, wiring
 from tests.chart.rendering import REPO
 
-WEIGHTS = REPO / "operator" / "aiflow" / "flow" / "weights"
+WEIGHTS = REPO / "operator" / "aiflow" / "model" / "weights"
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(900)]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from aiflow import contract
 from aiflow.api.spec import parse_flow
-from aiflow.flow import codecs, wire
+from aiflow.stage import codecs, wire
 from aiflow.planner.cluster import UTILISATION_CAP, LinkState, TierState, cluster_state
 from aiflow.planner.cost import Candidate, evaluate
 from aiflow.planner.problem import Problem
@@ -95,7 +96,7 @@ def test_a_tier_at_full_load_is_slow_but_bounded():
 def test_feature_bytes_formula_matches_the_wire_format(spec):
     rng = np.random.default_rng(0)
     hidden = rng.normal(size=(1, PROFILE.tokens, PROFILE.dims)).astype(np.float32)
-    codec = codecs.parse_codec(spec)
+    codec = contract.parse_codec(spec)
     positions = None
     if codec.reduce == "topk":
         hidden, positions = codecs.prune_tokens(hidden, rng.random((1, PROFILE.tokens)), codec.keep)

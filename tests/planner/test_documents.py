@@ -73,7 +73,15 @@ def test_quality_comes_from_the_weights_manifest_when_it_has_it(tmp_path):
 
 
 def test_the_default_profile_describes_the_shipped_model():
-    load_profile()  # checks layers, tokens and channels against operator/aiflow/flow/weights/manifest.json
+    load_profile()  # checks layers, tokens and channels against operator/aiflow/model/weights/manifest.json
+
+
+def test_the_planner_reads_the_manifest_of_the_shipped_weights():
+    # The planner reads the file without importing the model code; both must name the same file.
+    from aiflow.model.checkpoint import MANIFEST_FILE, WEIGHTS_DIR
+    from aiflow.planner.profile import WEIGHTS_MANIFEST_PATH
+
+    assert WEIGHTS_MANIFEST_PATH == (WEIGHTS_DIR / MANIFEST_FILE).resolve() and WEIGHTS_MANIFEST_PATH.is_file()
 
 
 def test_a_profile_of_another_model_is_refused(tmp_path):

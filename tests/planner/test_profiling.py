@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from aiflow.cli import main
-from aiflow.flow.codecs import parse_codec, payload_size
-from aiflow.flow.model import load_family
-from aiflow.flow.profiling import configmap_manifest, fit_rpc, layer_costs, render
-from aiflow.planner.profile import WIRE_HEADER_BYTES, ProfileError, load_profile, profile_from_dict
+from aiflow.contract import parse_codec, payload_size
+from aiflow.model.family import load_family
+from aiflow.local.profiling import configmap_manifest, fit_rpc, layer_costs, render
+from aiflow.contract import WIRE_HEADER_BYTES
+from aiflow.planner.profile import ProfileError, load_profile, profile_from_dict
 from aiflow.planner.problem import MODELS
 
 AUTO_FLOW = "examples/auto-placement.yaml"

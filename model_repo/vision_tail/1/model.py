@@ -1,7 +1,7 @@
-"""Triton Python backend of the `vision_tail` stage; what it runs follows from config.pbtxt (aiflow.flow.stages)."""
+"""Triton Python backend of the `vision_tail` stage; what it runs follows from config.pbtxt (aiflow.stage)."""
 
 import triton_python_backend_utils as pb_utils
 
-from aiflow.flow.stages import triton_model
+from aiflow.stage.triton import triton_model
 
 TritonPythonModel = triton_model(pb_utils)

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiflow.api.locations import model_repo_path
-
-ACCEPTS = "aiflow.accepts"
-EMITS = "aiflow.emits"
+from aiflow.contract import ACCEPTS, EMITS
 
 _TOKEN = re.compile(
     r"""\s*(?:

@@ -13,11 +13,12 @@ import json
 import re
 
 from aiflow import GROUP, KIND, TIER_LABEL, TIERS, VERSION
-from aiflow.api.catalog import ACCEPTS, EMITS, ModelInfo, load_catalog
+from aiflow.api.catalog import ModelInfo, load_catalog
 from aiflow.api.cluster import ClusterView
 from aiflow.api.locations import model_repo_path
 from aiflow.api.problems import NO_NODES_FOR_TIER, Problem
 from aiflow.api.schema import apply_defaults, cel_problems, schema_problems
+from aiflow.contract import ACCEPTS, EMITS
 
 API_VERSION = f"{GROUP}/{VERSION}"
 FIRST_INPUT = "image"

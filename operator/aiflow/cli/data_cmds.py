@@ -63,7 +63,7 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from aiflow.flow.scenes import write_dataset
+    from aiflow.model.scenes import write_dataset
 
     _positive("count", args.count)
     out = Path(args.out)
@@ -80,8 +80,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from aiflow.flow.checkpoint import WEIGHTS_DIR, CheckpointError, read_manifest
-    from aiflow.flow.train import TrainConfig, train_and_save
+    from aiflow.model.checkpoint import WEIGHTS_DIR, CheckpointError, read_manifest
+    from aiflow.model.train import TrainConfig, train_and_save
 
     for name in ("steps", "threads"):
         _positive(name, getattr(args, name))
@@ -113,9 +113,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from aiflow.flow.checkpoint import CheckpointError
-    from aiflow.flow.model import load_family
-    from aiflow.flow.train import evaluate_family
+    from aiflow.model.checkpoint import CheckpointError
+    from aiflow.model.family import load_family
+    from aiflow.model.train import evaluate_family
 
     _positive("count", args.count)
     try:

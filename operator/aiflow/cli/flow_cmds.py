@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from aiflow.cli import CLIError
-from aiflow.flow.schemes import DEFAULT_CODEC, DEFAULT_SPLIT_LAYER, SCHEME_NAMES, UPLOADS, Conditions
+from aiflow.local.schemes import DEFAULT_CODEC, DEFAULT_SPLIT_LAYER, SCHEME_NAMES, UPLOADS, Conditions
 
 DEMO_SEED = 2026  # held-out scenes; the weights manifest scores other seeds
 DEMO_COUNT = 16
@@ -140,8 +140,8 @@ def conditions_from(args) -> Conditions:
 @contextlib.contextmanager
 def _flow_errors():
     """Turn the flow's expected failures into CLIErrors (message only, exit 2)."""
-    from aiflow.flow.client import CaptionError
-    from aiflow.flow.tritonserver import TritonError
+    from aiflow.local.client import CaptionError
+    from aiflow.local.tritonserver import TritonError
 
     try:
         yield
@@ -152,8 +152,8 @@ def _flow_errors():
 @contextlib.contextmanager
 def _runtime(conditions: Conditions, wires=None, base_port=None, state_dir=None):
     """A started local flow, stopped on exit, Ctrl-C or SIGTERM."""
-    from aiflow.flow.local import handle_termination
-    from aiflow.flow.schemes import start_runtime
+    from aiflow.local.runtime import handle_termination
+    from aiflow.local.schemes import start_runtime
 
     with handle_termination():
         runtime, flow = start_runtime(conditions, wires, base_port=base_port, state_path=state_dir)
@@ -175,7 +175,7 @@ def _print_runtime(runtime, conditions: Conditions, out=sys.stdout) -> None:
 
 
 def cmd_up(args) -> int:
-    from aiflow.flow.schemes import build_schemes
+    from aiflow.local.schemes import build_schemes
 
     conditions = conditions_from(args)
     if args.adaptive:
@@ -205,7 +205,7 @@ def _adaptive_policy(args):
 
 
 def _up_adaptive(args, conditions: Conditions) -> int:
-    from aiflow.flow.adaptive import AdaptiveController
+    from aiflow.local.adaptive import AdaptiveController
     from aiflow.planner.documents import DocumentError
     from aiflow.planner.placement import planner_profile
     from aiflow.planner.profile import load_profile
@@ -247,8 +247,8 @@ def _read_images(paths) -> list[tuple[str, bytes]]:
 
 
 def cmd_caption(args) -> int:
-    from aiflow.flow.client import caption_images
-    from aiflow.flow.schemes import RunningFlow, get_scheme, wiring
+    from aiflow.local.client import caption_images
+    from aiflow.local.schemes import RunningFlow, get_scheme, wiring
 
     images = _read_images(args.images)
     with _flow_errors():
@@ -261,7 +261,7 @@ def cmd_caption(args) -> int:
                     _runtime(conditions, wiring(scheme), state_dir=state) as (_, flow):
                 results = caption_images(flow, scheme, images, args.timeout)
         else:
-            from aiflow.flow.local import read_state
+            from aiflow.local.runtime import read_state
 
             flow = RunningFlow(read_state(args.state_dir))
             flow.apply(wiring(scheme))
@@ -271,7 +271,7 @@ def cmd_caption(args) -> int:
 
 
 def _print_captions(results, output: str) -> None:
-    from aiflow.flow.client import format_result
+    from aiflow.local.client import format_result
 
     if output == "json":
         print(json.dumps([r.as_dict() for r in results], indent=1))
@@ -281,8 +281,8 @@ def _print_captions(results, output: str) -> None:
 
 
 def _adaptive_running(state_dir) -> bool:
-    from aiflow.flow.adaptive import STATE_KEY
-    from aiflow.flow.local import RuntimeNotRunning, read_state
+    from aiflow.local.adaptive import STATE_KEY
+    from aiflow.local.runtime import RuntimeNotRunning, read_state
 
     try:
         return bool(read_state(state_dir).get(STATE_KEY))
@@ -291,7 +291,7 @@ def _adaptive_running(state_dir) -> bool:
 
 
 def _caption_adaptive(args, images) -> int:
-    from aiflow.flow.adaptive import caption_serving
+    from aiflow.local.adaptive import caption_serving
 
     if args.ephemeral:
         raise CLIError("--scheme adaptive follows a running `aiflow up --adaptive`; drop --ephemeral")
@@ -302,8 +302,8 @@ def _caption_adaptive(args, images) -> int:
 
 
 def cmd_link_show(args) -> int:
-    from aiflow.flow.links import LinkConfig, remote_links
-    from aiflow.flow.local import read_state
+    from aiflow.local.links import LinkConfig, remote_links
+    from aiflow.local.runtime import read_state
 
     with _flow_errors():
         try:
@@ -321,8 +321,8 @@ def cmd_link_show(args) -> int:
 
 
 def cmd_link_set(args) -> int:
-    from aiflow.flow.links import LinkConfig, parse_duration, parse_rate
-    from aiflow.flow.local import set_link
+    from aiflow.local.links import LinkConfig, parse_duration, parse_rate
+    from aiflow.local.runtime import set_link
 
     changes = {}
     for direction in ("up", "down"):
@@ -347,7 +347,7 @@ def cmd_link_set(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from aiflow.flow.compare import demo_schemes, format_table, heldout_images, run_scheme, target_report
+    from aiflow.local.compare import demo_schemes, format_table, heldout_images, run_scheme, target_report
 
     if not 1 <= args.count <= 500:
         raise CLIError(f"--count {args.count}: choose 1..500 images")

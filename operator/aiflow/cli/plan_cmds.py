@@ -142,7 +142,7 @@ def cmd_profile(args) -> int:
     import sys
     from dataclasses import replace
 
-    from aiflow.flow.profiling import QUICK, ProfilingError, Settings, measure, profile_document, render
+    from aiflow.local.profiling import QUICK, ProfilingError, Settings, measure, profile_document, render
     from aiflow.planner.profile import ProfileError, profile_from_dict
 
     settings = QUICK if args.quick else Settings()

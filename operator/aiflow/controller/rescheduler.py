@@ -26,9 +26,8 @@ from aiflow.api.spec import AUTO, Flow
 from aiflow.planner.cluster import ClusterState
 from aiflow.planner.cost import Candidate
 from aiflow.planner.hysteresis import Policy, decide
-from aiflow.planner.placement import (
-    Placement, StagePlacement, assess_candidate, placement_of, plan_flow, resolve_placement,
-)
+from aiflow.api.placement import Placement, StagePlacement
+from aiflow.planner.placement import assess_candidate, placement_of, plan_flow, resolve_placement
 from aiflow.planner.problem import PlanError
 from aiflow.planner.profile import ProfileError
 from aiflow.planner.solver import describe

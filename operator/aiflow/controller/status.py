@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiflow.api.problems import Problem
 from aiflow.api.spec import Flow
-from aiflow.planner.placement import Placement
+from aiflow.api.placement import Placement
 from aiflow.render.manifests import MODEL_ANNOTATION, TIER_ANNOTATION, service_endpoint
 from aiflow.render.names import STAGE_LABEL, object_name
 

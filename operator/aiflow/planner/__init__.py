@@ -1,5 +1,8 @@
 """Cost model and placement/partition solver (pure functions); see docs/planner.md.
 
+Control plane: runs in the operator pod, in `aiflow plan` and in the local runtime's adaptive mode.
+May import `aiflow.api` and `aiflow.contract`; never torch, Triton or the data-plane rooms.
+
 - `profile`: what the model's pieces cost (PlannerProfile files, `load_profile`)
 - `cluster`: tiers and links as the planner sees them (`cluster_state`, ClusterSnapshot files)
 - `problem`: the question and the search space its constraints admit

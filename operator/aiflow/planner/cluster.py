@@ -65,10 +65,6 @@ class LinkState:
     source: str = DECLARED
     via: tuple[tuple[str, str], ...] = ()
 
-    def transfer_ms(self, nbytes: float) -> float:
-        """One request over this link: its RTT plus `nbytes` at its bandwidth."""
-        return self.rtt_ms + nbytes * 8.0 / (self.bandwidth_mbps * 1e3)
-
 
 @dataclass(frozen=True)
 class ClusterState:
@@ -80,9 +76,6 @@ class ClusterState:
 
     def link(self, src: str, dst: str) -> LinkState:
         return self.links[(src, dst)]
-
-    def available_tiers(self) -> tuple[str, ...]:
-        return tuple(t for t in TIERS if self.tiers[t].available)
 
 
 def cluster_state(

@@ -120,7 +120,7 @@ def make_grid(profile: Profile, modes, splits, codecs) -> Grid:
 def chain_terms(profile: Profile, models: tuple[str, ...], grid: Grid) -> tuple[list[np.ndarray], list[tuple[str, np.ndarray]]]:
     """Per stage its compute at reference speed, per call (client->stage 0, stage i-1 -> stage i) its
     payload and bytes; arrays broadcast to the grid's shape. What each model computes follows
-    aiflow.flow.stages: a features consumer finishes the encoder from the layer the message carries;
+    aiflow.stage: a features consumer finishes the encoder from the layer the message carries;
     the drafter always drafts and forwards the features as received (codec `passthrough`), so the
     verifier finishes the encoder too; captioner and caption_decoder decode greedily or speculate
     locally (draft, then verify, on their own tier)."""

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 from aiflow import TIERS
 from aiflow.api.cluster import ClusterView
+from aiflow.api.placement import Placement, StagePlacement
 from aiflow.api.spec import AUTO, Flow, StageParameters
 from aiflow.planner.cluster import ClusterState, cluster_state, declared_links, tier_states_from_nodes
 from aiflow.planner.cost import Candidate
@@ -36,29 +36,6 @@ from aiflow.planner.solver import Plan, assess, plan
 # A profile file that replaces the shipped default (e.g. one `aiflow profile` measured, mounted from
 # its ConfigMap).
 PROFILE_ENV = "AIFLOW_PLANNER_PROFILE"
-
-
-@dataclass(frozen=True)
-class StagePlacement:
-    stage: str
-    tier: str
-    reason: str  # why this tier, one line for status and Events
-    parameters: StageParameters = StageParameters()
-
-
-@dataclass(frozen=True)
-class Placement:
-    stages: tuple[StagePlacement, ...]
-    plan: Plan | None = None  # the planner's plan; None when the simple rule placed the flow
-    note: str = ""  # why the planner did not decide, when it did not
-
-    def of(self, stage: str) -> StagePlacement:
-        return next(p for p in self.stages if p.stage == stage)
-
-    @property
-    def summary(self) -> str:
-        """`head:device, drafter:edge, verifier:cloud`."""
-        return ", ".join(f"{p.stage}:{p.tier}" for p in self.stages)
 
 
 @functools.lru_cache(maxsize=4)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from aiflow import TIERS
 from aiflow.api.spec import AUTO, Flow
-from aiflow.flow.stages import PASSTHROUGH
+from aiflow.contract import PASSTHROUGH
 from aiflow.planner.cluster import ClusterState, quantity_mib
 from aiflow.planner.profile import Profile, parse_codec
 

@@ -17,16 +17,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from aiflow.flow.codecs import CodecError, parse_codec as _parse_codec, payload_size
+from aiflow.contract import WIRE_HEADER_BYTES, CodecError, parse_codec as _parse_codec, payload_size
 from aiflow.planner.documents import DocumentError, check_schema, read_document
 
 DEFAULT_PROFILE_PATH = Path(__file__).with_name("default_profile.yaml")
-WEIGHTS_MANIFEST_PATH = Path(__file__).resolve().parents[1] / "flow" / "weights" / "manifest.json"
+# The shipped model's weights manifest (aiflow.model's weights/), read as a file: the planner needs
+# its measured quality, not the model code.
+WEIGHTS_MANIFEST_PATH = Path(__file__).resolve().parents[1] / "model" / "weights" / "manifest.json"
 DECODERS = ("small", "large")
 LOSSLESS = "fp32"
-
-# Wire message framing (aiflow.flow.wire): fixed header + codec spec + payload length + crc32.
-WIRE_HEADER_BYTES = 16 + 4 + 4
 
 
 class ProfileError(DocumentError):
@@ -175,12 +174,12 @@ class Profile:
 
     @property
     def draft_bytes(self) -> float:
-        """What a caption's draft ids add to a message (u16 count + u16 per token, aiflow.flow.wire)."""
+        """What a caption's draft ids add to a message (u16 count + u16 per token, aiflow.stage.wire)."""
         return 2 + 2 * self.tokens_per_caption
 
     def feature_bytes(self, layer: int, spec: str) -> float:
         """Bytes of one wire message carrying features taken after `layer` encoder layers, encoded with
-        `spec` (aiflow.flow.wire framing). Measured sizes win over the formula."""
+        `spec` (aiflow.stage.wire framing). Measured sizes win over the formula."""
         return float(self.feature_bytes_by_layer(spec)[layer])
 
     def feature_bytes_by_layer(self, spec: str) -> np.ndarray:

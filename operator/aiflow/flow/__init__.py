@@ -1,1 +1,0 @@
-"""The data plane: captioning model, codecs, Triton stages, client and local runtime."""
