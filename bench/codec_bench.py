@@ -9,17 +9,21 @@ held-out scenes; prints a table and writes codec_bench.csv and codec_bench.png (
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from aiflow.model import quality, scenes
+if __package__ in (None, ""):  # run as `python bench/<name>.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from aiflow.contract import ROLES_BY_NAME
+from aiflow.model import quality, scenes
 from aiflow.stage.config import stage_config
 from aiflow.stage.logic import Stage
+from bench.report import write_csv  # noqa: E402
 
 CODECS = (
     "fp32",
@@ -76,10 +80,7 @@ def run(family, count: int, seed: int, splits: list[int], codecs: list[str]) -> 
 def write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fields = ["split", "codec", "bytes", "bleu4", "cider", "rouge_l", "exact_match", "count"]
-    with open(out / "codec_bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "codec_bench.csv", rows, fields)
     import matplotlib
 
     matplotlib.use("Agg")

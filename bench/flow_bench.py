@@ -10,13 +10,17 @@ flow_bench.csv and flow_bench.png (latency against uplink, one line per scheme).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
+import sys
 import tempfile
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python bench/<name>.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from aiflow.local.compare import demo_schemes, format_table, heldout_images, run_scheme
 from aiflow.local.schemes import Conditions, start_runtime
+from bench.report import write_csv  # noqa: E402
 
 
 def run(count: int, uplinks: list[float], seed: int, conditions: Conditions, split_layer=None, codec=None) -> list[dict]:
@@ -39,10 +43,7 @@ def run(count: int, uplinks: list[float], seed: int, conditions: Conditions, spl
 
 def write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "flow_bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "flow_bench.csv", rows)
     import matplotlib
 
     matplotlib.use("Agg")

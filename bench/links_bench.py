@@ -8,9 +8,12 @@ Prints a table and writes links_bench.csv (and links_bench.png when matplotlib i
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/<name>.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiflow.local.links import (
     Link,
@@ -22,6 +25,7 @@ from aiflow.local.links import (
     probe_rtt,
     probe_upload,
 )
+from bench.report import write_csv  # noqa: E402
 
 RATES_MBIT = (1, 10, 50, 100, 200)
 LATENCIES_MS = (0, 10, 50)
@@ -83,10 +87,7 @@ def print_table(rows: list[dict]) -> None:
 
 def write_outputs(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "links_bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "links_bench.csv", rows)
     try:
         import matplotlib
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import csv
 import os
 import subprocess
 import sys
@@ -28,8 +27,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the checkout root: bench.* and tests.* imports
 
+from bench.report import write_csv  # noqa: E402
 from tests.kube.apiserver import EmulatedApiServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -162,10 +162,7 @@ def main() -> int:
     print(" | ".join(f"{c:>20}" for c in columns))
     for row in rows:
         print(" | ".join(f"{row[c]:>20}" for c in columns))
-    with open(RESULTS / "operator_bench.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(RESULTS / "operator_bench.csv", rows, columns)
     plot(rows, RESULTS / "operator_bench.png")
     print(f"wrote {RESULTS / 'operator_bench.csv'} and {RESULTS / 'operator_bench.png'}")
     return 0

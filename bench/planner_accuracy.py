@@ -21,12 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python bench/<name>.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from aiflow.local.compare import heldout_images, run_scheme
 from aiflow.local.planning import FLOWS, conditions_cluster, describe_option, flow_of, option_scheme, runnable
 from aiflow.local.schemes import Conditions, start_runtime, wiring
 from aiflow.planner.problem import Problem
 from aiflow.planner.profile import load_profile
 from aiflow.planner.solver import plan
+from bench.report import write_csv  # noqa: E402
 
 TARGET = 0.15
 SEED = 5005  # held-out scenes of their own (the profile uses another seed)
@@ -153,10 +157,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 def write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "planner_accuracy.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(r for r in rows if "measured_ms" in r)
+    write_csv(out / "planner_accuracy.csv", (r for r in rows if "measured_ms" in r), COLUMNS)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -17,9 +17,8 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 
 import argparse
-import math
 import copy
-import csv
+import math
 import platform
 import statistics
 import sys
@@ -28,11 +27,15 @@ from pathlib import Path
 
 import yaml
 
+if __package__ in (None, ""):  # run as `python bench/<name>.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from aiflow.api.spec import parse_flow
 from aiflow.planner.cluster import LinkState, TierState, cluster_state
 from aiflow.planner.problem import Problem, search_space
 from aiflow.planner.profile import DEFAULT_PROFILE_PATH, profile_from_dict
 from aiflow.planner.solver import plan, plan_exhaustive
+from bench.report import write_csv  # noqa: E402
 
 # Chains that end in caption_decoder, which may decode greedily or speculate: two modes.
 CHAINS = {
@@ -109,10 +112,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "solver_bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "solver_bench.csv", rows)
     plot(rows, out / "solver_bench.png")
     print(f"wrote {out / 'solver_bench.csv'} and {out / 'solver_bench.png'}")
     return 0

@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as `python bench/sweep.py`: make `bench` im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiflow.local.schemes import DEFAULT_CODEC, DEFAULT_SPLIT_LAYER, Conditions, Scheme, get_scheme
+from bench.report import write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results"
@@ -686,14 +687,9 @@ def _low_bandwidth_target(rows: Sequence[dict]) -> dict:
 
 def write(doc: dict, out: Path) -> list[Path]:
     """sweep.json, sweep.csv, sweep.md and the plots; returns what was written."""
-    import csv
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows({k: _csv(r[k]) for k in COLUMNS} for r in doc["rows"])
+    write_csv(out / "sweep.csv", ({k: _csv(r[k]) for k in COLUMNS} for r in doc["rows"]), COLUMNS)
     (out / "sweep.md").write_text(markdown(doc))
     return [out / n for n in ("sweep.json", "sweep.csv", "sweep.md")] + plots(doc, out)
 

@@ -7,8 +7,19 @@ import pytest
 from aiflow import TIERS
 from aiflow.local.schemes import Placement
 from bench.sweep import (
-    ADAPTIVE, Settings, adaptive_choice, chain_key, deployment, grid, headline, load_planner_profile, main, normalised,
-    static_schemes, targets, with_device_factor,
+    ADAPTIVE,
+    Settings,
+    adaptive_choice,
+    chain_key,
+    deployment,
+    grid,
+    headline,
+    load_planner_profile,
+    main,
+    normalised,
+    static_schemes,
+    targets,
+    with_device_factor,
 )
 
 

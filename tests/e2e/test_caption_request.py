@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from aiflow.model import scenes
 from aiflow.local.schemes import RunningFlow, get_scheme, startup_wiring, wiring
+from aiflow.model import scenes
 from tests.chart.rendering import REPO
 
 WEIGHTS = REPO / "operator" / "aiflow" / "model" / "weights"

@@ -18,9 +18,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from aiflow.model import scenes
-from aiflow.stage.config import stage_config
-from aiflow.stage.triton import model_parameters
 from aiflow.local.adaptive import (
     STATE_KEY,
     UNSHAPED_MBPS,
@@ -39,10 +36,13 @@ from aiflow.local.links import LinkConfig
 from aiflow.local.runtime import read_state
 from aiflow.local.schemes import Conditions, start_runtime, wiring
 from aiflow.local.tritonserver import model_config_json
+from aiflow.model import scenes
 from aiflow.planner.hysteresis import Policy
 from aiflow.planner.problem import Problem
 from aiflow.planner.profile import load_profile
 from aiflow.planner.solver import plan
+from aiflow.stage.config import stage_config
+from aiflow.stage.triton import model_parameters
 from tests.local.fixtures import assert_group_gone
 from tests.local.test_chain import in_process as chain_in_process
 from tests.local.test_chain import png

@@ -14,13 +14,13 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from aiflow.local.client import caption_images
+from aiflow.local.schemes import SCHEME_NAMES, RunningFlow, get_scheme, startup_wiring, wiring
+from aiflow.local.tritonserver import free_ports, model_config_json
 from aiflow.model import scenes
 from aiflow.stage.config import stage_config
 from aiflow.stage.logic import Stage
 from aiflow.stage.triton import model_parameters
-from aiflow.local.client import caption_images
-from aiflow.local.schemes import SCHEME_NAMES, RunningFlow, get_scheme, startup_wiring, wiring
-from aiflow.local.tritonserver import free_ports, model_config_json
 
 pytestmark = [pytest.mark.triton, pytest.mark.timeout(900)]
 

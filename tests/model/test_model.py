@@ -142,7 +142,7 @@ def test_bad_tensors_and_arguments_are_refused(family, features):
 
 def test_training_is_deterministic_and_resumes_from_a_checkpoint(tmp_path):
     from aiflow.model.checkpoint import save_family
-    from aiflow.model.train import TrainConfig, training_phases, train_family, train_phase
+    from aiflow.model.train import TrainConfig, train_family, train_phase, training_phases
 
     quiet = lambda line: None  # noqa: E731
     cfg = TrainConfig(steps=3, pool_size=12, batch_size=4, warmup_steps=1, probe_every=0,

@@ -7,11 +7,11 @@ import pytest
 
 from aiflow import contract
 from aiflow.api.spec import parse_flow
-from aiflow.stage import codecs, wire
 from aiflow.planner.cluster import UTILISATION_CAP, LinkState, TierState, cluster_state
 from aiflow.planner.cost import Candidate, evaluate
 from aiflow.planner.problem import Problem
 from aiflow.planner.profile import load_profile
+from aiflow.stage import codecs, wire
 from tests.planner.instances import manifest
 
 PROFILE = load_profile()

@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from aiflow.api.cluster import NodeInfo
-from aiflow.planner.cluster import ClusterError, LinkState, TierState, cluster_state, load_cluster, tier_states_from_nodes
+from aiflow.planner.cluster import (
+    ClusterError,
+    LinkState,
+    TierState,
+    cluster_state,
+    load_cluster,
+    tier_states_from_nodes,
+)
 from aiflow.planner.profile import DEFAULT_PROFILE_PATH, ProfileError, load_profile, profile_from_dict
 
 EXAMPLES = sorted(Path("examples").glob("cluster-*.yaml"))

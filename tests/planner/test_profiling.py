@@ -10,12 +10,11 @@ import pytest
 import yaml
 
 from aiflow.cli import main
-from aiflow.contract import parse_codec, payload_size
-from aiflow.model.family import load_family
+from aiflow.contract import WIRE_HEADER_BYTES, parse_codec, payload_size
 from aiflow.local.profiling import configmap_manifest, fit_rpc, layer_costs, render
-from aiflow.contract import WIRE_HEADER_BYTES
-from aiflow.planner.profile import ProfileError, load_profile, profile_from_dict
+from aiflow.model.family import load_family
 from aiflow.planner.problem import MODELS
+from aiflow.planner.profile import ProfileError, load_profile, profile_from_dict
 
 AUTO_FLOW = "examples/auto-placement.yaml"
 

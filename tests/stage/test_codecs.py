@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiflow import contract
-from aiflow.stage import codecs
 from aiflow.contract import CodecError, parse_codec
+from aiflow.stage import codecs
 
 
 def features(b=2, t=17, d=24, seed=0):

@@ -11,12 +11,11 @@ import pytest
 from PIL import Image
 
 from aiflow import contract
-from aiflow.model import scenes
 from aiflow.contract import ROLES, ROLES_BY_NAME, TENSORS
-from aiflow.stage.logic import _torch, read_trace
+from aiflow.model import scenes
 from aiflow.stage import wire
 from aiflow.stage.config import StageError, stage_config
-from aiflow.stage.logic import Stage
+from aiflow.stage.logic import Stage, _torch, read_trace
 
 ROLE_PARAMS = {role: {"aiflow.accepts": a, "aiflow.emits": e} for (a, e), role in ROLES.items()}
 

@@ -22,11 +22,11 @@ import datetime as dt
 from dataclasses import dataclass, field, replace
 
 from aiflow.api.cluster import ClusterView
+from aiflow.api.placement import Placement, StagePlacement
 from aiflow.api.spec import AUTO, Flow
 from aiflow.planner.cluster import ClusterState
 from aiflow.planner.cost import Candidate
 from aiflow.planner.hysteresis import Policy, decide
-from aiflow.api.placement import Placement, StagePlacement
 from aiflow.planner.placement import assess_candidate, placement_of, plan_flow, resolve_placement
 from aiflow.planner.problem import PlanError
 from aiflow.planner.profile import ProfileError

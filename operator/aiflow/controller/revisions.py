@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 
-from aiflow.api.spec import Flow
 from aiflow.api.placement import Placement
+from aiflow.api.spec import Flow
 from aiflow.render.manifests import CONFIG_HASH_ANNOTATION, GRPC_PORT, config_hash, render
 from aiflow.render.names import bounded, object_name
 

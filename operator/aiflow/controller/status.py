@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aiflow.api.placement import Placement
 from aiflow.api.problems import Problem
 from aiflow.api.spec import Flow
-from aiflow.api.placement import Placement
 from aiflow.render.manifests import MODEL_ANNOTATION, TIER_ANNOTATION, service_endpoint
 from aiflow.render.names import STAGE_LABEL, object_name
 

@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-
-from aiflow.local.schemes import CLIENT_TIER, JPEG_QUALITY, RunningFlow, Scheme
 from aiflow.contract import TENSORS, TRACE
+from aiflow.local.schemes import CLIENT_TIER, JPEG_QUALITY, RunningFlow, Scheme
 from aiflow.stage.forward import describe_call_error
 from aiflow.stage.logic import read_trace
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from aiflow.model import quality
 from aiflow.local.client import Captioned, caption_images
 from aiflow.local.schemes import CLIENT_TIER, RunningFlow, Scheme, get_scheme
+from aiflow.model import quality
 
 
 @dataclass

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from aiflow import contract
-from aiflow.stage import wire
 from aiflow.contract import MESSAGE, PASSTHROUGH, ROLES_BY_NAME, TENSORS, TRACE
+from aiflow.stage import wire
 from aiflow.stage.config import MAX_BATCH, stage_config
 from aiflow.stage.forward import describe_call_error
 from aiflow.stage.logic import Stage, read_trace
@@ -358,10 +358,10 @@ def measure(
 ) -> Measurements:
     """Start one tritonserver on `model_repo`, measure, stop it. ProfilingError says what failed."""
     from aiflow.local.compare import heldout_images
-    from aiflow.model.family import load_family
     from aiflow.local.schemes import default_model_repo
     from aiflow.local.tritonserver import TritonError, TritonServer
     from aiflow.model.checkpoint import CheckpointError
+    from aiflow.model.family import load_family
     from aiflow.planner.profile import DEFAULT_PROFILE_PATH, load_profile
 
     settings.check()
@@ -401,14 +401,17 @@ def measure(
 
 
 def _measure_with(client: StageClient, local: LocalStages, family, m: Measurements, blobs, references, log) -> None:
-    from aiflow.model import quality
     from aiflow.local.client import encode_upload
 
-    s, L = m.settings, m.layers
     m.png_bytes = [len(b) for b in blobs]
     m.jpeg_bytes = [len(encode_upload(b, "jpeg")) for b in blobs]
-    timed = blobs[: s.timing_images]
+    layer0 = _time_stages(client, local, family, m, blobs[: m.settings.timing_images], log)
+    _measure_quality(client, local, family, m, blobs, references, layer0, log)
 
+
+def _time_stages(client: StageClient, local: LocalStages, family, m: Measurements, timed, log) -> list[bytes]:
+    """Stage times of every model on the timed scenes; returns their layer-0 features messages."""
+    s, L = m.settings, m.layers
     log("inputs: held-out scenes through vision_head, features at every layer, drafts ...")
     layer0 = [client.call("vision_head", [b]).outputs[MESSAGE].tobytes() for b in timed]
     at_layer = {layer: [local.reencode(msg, layer, LOSSLESS) for msg in layer0] for layer in range(L + 1)}
@@ -446,7 +449,16 @@ def _measure_with(client: StageClient, local: LocalStages, family, m: Measuremen
                 m.captioner_ms.append(c.stage_ms)
             if ROLES_BY_NAME[model][1] == "caption":  # small replies: the call costs its request
                 m.rpc.append((c.request_bytes, c.latency_ms - c.hops[0]["total_ms"]))
+    m.zstd_ratio = _zstd_ratios(finished)
+    m.codec_ms = _codec_ms(local, finished, m.codecs, L, s.repeats)
+    return layer0
 
+
+def _measure_quality(client: StageClient, local: LocalStages, family, m: Measurements, blobs, references, layer0, log) -> None:
+    """Feature bytes and caption quality of every codec at every split, on all scenes."""
+    from aiflow.model import quality
+
+    L = m.layers
     log(f"features and quality: {len(blobs)} scenes x {L + 1} splits x {len(m.codecs) + 1} codecs ...")
     batch0 = client.call("vision_head", blobs).outputs[MESSAGE].tobytes()
     singles0 = layer0 + [client.call("vision_head", [b]).outputs[MESSAGE].tobytes() for b in blobs[len(layer0):]]
@@ -471,8 +483,6 @@ def _measure_with(client: StageClient, local: LocalStages, family, m: Measuremen
         m.feature_bytes[codec] = sizes
         m.quality["large"][codec], m.quality["small"][codec] = large_q, small_q
     m.feature_bytes.pop(LOSSLESS)
-    m.zstd_ratio = _zstd_ratios(finished)
-    m.codec_ms = _codec_ms(local, finished, m.codecs, L, s.repeats)
 
 
 def _large_lengths(family, messages: Sequence[bytes]) -> list[int]:

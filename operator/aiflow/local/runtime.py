@@ -196,40 +196,13 @@ class LocalRuntime:
         self.state_dir = state_dir(state_path)
         self.log_dir = Path(log_dir) if log_dir else self.state_dir / "logs"
 
-        wanted = {link_key(k): v for k, v in (links or {}).items()}
-        known = tier_links(self.tiers)
-        if unknown := set(wanted) - set(known):
-            raise ValueError(
-                f"bad link(s) {[link_name(k) for k in unknown]}: links join consecutive tiers, "
-                f"here {[link_name(k) for k in known]}"
-            )
-        self.links = {k: Link(link_name(k), wanted.get(k, LinkConfig())) for k in known}
-
-        factors = dict(compute_factors or {})
-        if unknown := set(factors) - set(self.tiers):
-            raise ValueError(f"compute factor for unknown tier(s) {sorted(unknown)}; tiers: {list(self.tiers)}")
-        self.compute_factors = {t: check_compute_factor(t, factors.get(t, 1.0)) for t in self.tiers}
-
-        extra_env = dict(env or {})
-        tier_models = {t: list(m) for t, m in (models or {}).items()}
-        tier_cpus = dict(cpus or {})
+        self.links = self._links(links or {})
+        self.compute_factors = self._compute_factors(compute_factors or {})
+        extra_env, tier_models, tier_cpus = dict(env or {}), {t: list(m) for t, m in (models or {}).items()}, dict(cpus or {})
         if unknown := (set(extra_env) | set(tier_models) | set(tier_cpus)) - set(self.tiers):
             raise ValueError(f"settings for unknown tier(s) {sorted(unknown)}; tiers: {list(self.tiers)}")
         self.servers = {
-            t: TritonServer(
-                self.model_repo,
-                models=tier_models.get(t, ()),
-                ports=self.ports.tiers[t],
-                env={
-                    "AIFLOW_TIER": t,
-                    "AIFLOW_COMPUTE_FACTOR": f"{self.compute_factors[t]:g}",
-                    **extra_env.get(t, {}),
-                },
-                name=f"tritonserver-{t}",
-                log_dir=self.log_dir,
-                startup_timeout=startup_timeout,
-                cpus=tier_cpus.get(t),
-            )
+            t: self._server(t, tier_models.get(t, ()), extra_env.get(t, {}), tier_cpus.get(t), startup_timeout)
             for t in self.tiers
         }
         self.proxies: dict[tuple[str, str], LinkProxy] = {}
@@ -240,6 +213,35 @@ class LocalRuntime:
         self._signals: dict = {}
         self._published: dict = {}  # more the state file carries (e.g. the adaptive plan)
         self._state_lock = threading.Lock()
+
+    def _links(self, links: Mapping[tuple[str, str] | str, LinkConfig]) -> dict[tuple[str, str], Link]:
+        """One Link per pair of consecutive tiers, configured as asked (unshaped otherwise)."""
+        wanted = {link_key(k): v for k, v in links.items()}
+        known = tier_links(self.tiers)
+        if unknown := set(wanted) - set(known):
+            raise ValueError(
+                f"bad link(s) {[link_name(k) for k in unknown]}: links join consecutive tiers, "
+                f"here {[link_name(k) for k in known]}"
+            )
+        return {k: Link(link_name(k), wanted.get(k, LinkConfig())) for k in known}
+
+    def _compute_factors(self, factors: Mapping[str, float]) -> dict[str, float]:
+        if unknown := set(factors) - set(self.tiers):
+            raise ValueError(f"compute factor for unknown tier(s) {sorted(unknown)}; tiers: {list(self.tiers)}")
+        return {t: check_compute_factor(t, factors.get(t, 1.0)) for t in self.tiers}
+
+    def _server(self, tier: str, models: Iterable[str], env: Mapping[str, str], cpus, startup_timeout: float) -> TritonServer:
+        """The tier's tritonserver (not started): its stages learn their tier and compute factor by env."""
+        return TritonServer(
+            self.model_repo,
+            models=models,
+            ports=self.ports.tiers[tier],
+            env={"AIFLOW_TIER": tier, "AIFLOW_COMPUTE_FACTOR": f"{self.compute_factors[tier]:g}", **env},
+            name=f"tritonserver-{tier}",
+            log_dir=self.log_dir,
+            startup_timeout=startup_timeout,
+            cpus=cpus,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ until `aiflow profile` measures them on real Triton servers and writes `source: 
 
 from __future__ import annotations
 
-import json
 import functools
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from aiflow.contract import WIRE_HEADER_BYTES, CodecError, parse_codec as _parse_codec, payload_size
+from aiflow.contract import WIRE_HEADER_BYTES, CodecError, payload_size
+from aiflow.contract import parse_codec as _parse_codec
 from aiflow.planner.documents import DocumentError, check_schema, read_document
 
 DEFAULT_PROFILE_PATH = Path(__file__).with_name("default_profile.yaml")

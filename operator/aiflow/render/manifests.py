@@ -10,8 +10,8 @@ import hashlib
 import json
 
 from aiflow import GROUP, KIND, TIER_LABEL, VERSION
-from aiflow.api.spec import Flow, Stage
 from aiflow.api.placement import Placement, StagePlacement
+from aiflow.api.spec import Flow, Stage
 from aiflow.render.names import object_name, stage_labels, stage_selector
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002

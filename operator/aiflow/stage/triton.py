@@ -9,6 +9,7 @@ from aiflow.contract import TENSORS
 from aiflow.stage.config import StageError, stage_config
 from aiflow.stage.logic import Stage
 
+
 def model_parameters(model_config: Mapping) -> dict[str, str]:
     """config.pbtxt `parameters` (as Triton passes them to `initialize`) -> {key: string value}."""
     return {k: str(v.get("string_value", "")) for k, v in (model_config.get("parameters") or {}).items()}
