@@ -3,7 +3,7 @@
 It serves the HTTP API of a kube-apiserver for what kopf and kubectl use: discovery, CRUD with
 uid/resourceVersion/generation/creationTimestamp/generateName, optimistic concurrency, label and field
 selectors, the status subresource, PUT, JSON / merge / strategic merge patches, server-side apply
-(create-or-merge), CRDs that register their resources and validate custom resources against their
+with field ownership (managedFields, conflicts, force), CRDs that register their resources and validate custom resources against their
 openAPIV3Schema (pruning, defaults, CEL rules), watches with resourceVersion, finalizers and
 deletionTimestamp, namespaces, and Events. It emulates the API server only: no controller, scheduler or
 kubelet runs (see tests/kube/controllers.py for the explicit stand-ins tests may start).
@@ -18,12 +18,15 @@ Not emulated (a test that needs one of these needs a real cluster):
   namespace X` or `kubectl scale`; `kubectl apply/create/get/delete -f` use JSON and work;
 - OpenAPI schemas: /openapi/v3 is a skeleton that tells kubectl the server validates fields, so
   `kubectl apply` works with its default validation; `kubectl explain` does not;
-- server-side apply's field ownership: apply is create-or-merge, removes nothing, never conflicts;
+- server-side apply and managedFields are emulated for objects (tests/kube/fieldmanager.py), not
+  for status;
 - foreground deletion (treated as background), pagination (`limit` is ignored: one page), reads at an
   older resourceVersion, watch bookmarks, authentication and RBAC enforcement (every token is
   accepted; `derive_rbac_rules` turns the request log into the rules a role would need);
-- built-in kinds are checked against the published 1.32 JSON schemas only (no deeper Go validation)
-  and get few defaults (Service type/clusterIP, Deployment replicas, Namespace phase);
+- built-in kinds are checked against the published 1.32 JSON schemas (no deeper Go validation than
+  the immutable Deployment selector and Service clusterIP) and stored as the real server stores them
+  for the kinds the tests write: empty `omitempty` values dropped, unknown fields pruned, the Go
+  defaulters' values filled in for Deployments and Services (tests/kube/defaults.py);
 - subresources other than `status`; admission and conversion webhooks (a multi-version CRD stores
   one object and serves it under each version unchanged); core and events.k8s.io Events are
   separate stores.
@@ -54,7 +57,7 @@ import aiohttp.web
 import kmock
 import yaml
 
-from tests.kube import builtin_schemas, patches, schemas, selectors
+from tests.kube import builtin_schemas, defaults, fieldmanager, patches, schemas, selectors
 from tests.kube.resources import BUILTIN_RESOURCES, NODE_METRICS, SUBRESOURCE_VERBS, ResourceType, crd_resource_types
 
 logger = logging.getLogger(__name__)
@@ -354,14 +357,25 @@ class KubeApiHandler(kmock.RawHandler):
         if unknown and field_validation == "Strict":
             raise ApiError(400, "BadRequest", "strict decoding error: " +
                            ", ".join(f'unknown field "{p}"' for p in unknown))
-        if unknown:
-            obj = copy.deepcopy(obj)
-            for path in verdict.unknown:
-                builtin_schemas.drop(obj, path)
+        obj = copy.deepcopy(obj)
+        for path in verdict.unknown:
+            builtin_schemas.drop(obj, path)
+        # Stored as decoding into the kind's struct and encoding it again leaves it: empty omitempty
+        # values gone, the kind's defaults filled in.
+        schema = builtin_schemas.schema_for(rt.group, rt.version, rt.kind)
+        builtin_schemas.drop_empty(obj, schema.root or {}, schema)
+        defaults.apply_defaults(rt.group, rt.kind, obj)
         return obj, [f'unknown field "{p}"' for p in unknown] if field_validation == "Warn" else []
 
+    def field_schema(self, rt: ResourceType) -> fieldmanager.Schema:
+        """The schema that says how the kind's lists merge (for field ownership)."""
+        if rt.custom:
+            return fieldmanager.Schema(rt.schema)
+        return builtin_schemas.schema_for(rt.group, rt.version, rt.kind)
+
     def create_object(self, rt: ResourceType, namespace: str | None, body: Any, *, dry_run: bool = False,
-                      field_validation: str = "Ignore") -> tuple[Obj, list[str]]:
+                      field_validation: str = "Ignore", manager: str | None = None,
+                      operation: str = "Update") -> tuple[Obj, list[str]]:
         """Create: the semantics of POST (and of apply/PUT when the object does not exist)."""
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body of the request must be a JSON object")
@@ -392,6 +406,10 @@ class KubeApiHandler(kmock.RawHandler):
         for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "uid",
                       "creationTimestamp", "generation", "managedFields", "selfLink"):
             meta.pop(field, None)
+        if manager:
+            managed = fieldmanager.created(obj, manager, operation, self.field_schema(rt), rt.group_version)
+            if managed:
+                meta["managedFields"] = managed
         obj, warnings = self._admit(rt, obj, None, field_validation)
         meta = obj["metadata"]
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
@@ -427,8 +445,11 @@ class KubeApiHandler(kmock.RawHandler):
             spec.setdefault("type", "ClusterIP")
             if spec.get("clusterIP") != "None":
                 spec.setdefault("clusterIP", f"10.96.{random.randint(0, 255)}.{random.randint(1, 254)}")
+            spec.setdefault("clusterIPs", [spec["clusterIP"]])
+            spec.setdefault("ipFamilies", ["IPv4"])
+            spec.setdefault("ipFamilyPolicy", "SingleStack")
         elif rt.plural == "deployments" and rt.group == "apps":
-            obj.setdefault("spec", {}).setdefault("replicas", 1)
+            defaults.deployment(obj)
 
     def _establish_crd(self, rt: ResourceType, crd: Obj) -> None:
         """Register the CRD's resources and mark it Established, as the apiextensions server does."""
@@ -455,8 +476,13 @@ class KubeApiHandler(kmock.RawHandler):
         self._emit("MODIFIED", rt, new, crd)
 
     def write_object(self, rt: ResourceType, old: Obj, desired: Obj, subresource: str | None, *,
-                     dry_run: bool = False, field_validation: str = "Ignore") -> tuple[Obj, list[str]]:
-        """Replace an existing object with `desired` (PUT, and the result of every patch)."""
+                     dry_run: bool = False, field_validation: str = "Ignore", manager: str | None = None,
+                     managed_fields: list[Obj] | None = None) -> tuple[Obj, list[str]]:
+        """Replace an existing object with `desired` (PUT, and the result of every patch).
+
+        `manager` (the request's field manager) becomes the owner of the fields it changed;
+        `managed_fields` (from a server-side apply) replaces the object's managedFields.
+        """
         name = old["metadata"]["name"]
         if not isinstance(desired, dict) or not isinstance(desired.get("metadata", {}), dict):
             raise ApiError(400, "BadRequest", "the body of the request must be a JSON object with metadata")
@@ -489,6 +515,16 @@ class KubeApiHandler(kmock.RawHandler):
             else:
                 meta.pop(field, None)
         meta.pop("resourceVersion", None)
+        sent = dmeta.get("managedFields")
+        if managed_fields is None and manager and sent is not None and sent != fieldmanager.entries(old):
+            managed_fields = list(sent)  # a client that rewrites managedFields (kubectl's CSA->SSA upgrade)
+        if subresource == "status" or (managed_fields is None and not manager):
+            managed_fields = fieldmanager.entries(old)
+        elif managed_fields is None:
+            managed_fields = fieldmanager.after_update(old, new, manager, self.field_schema(rt), rt.group_version)
+        meta.pop("managedFields", None)
+        if managed_fields:
+            meta["managedFields"] = managed_fields
         if old["metadata"].get("deletionTimestamp"):
             added = set(meta.get("finalizers") or []) - set(old["metadata"].get("finalizers") or [])
             if added:
@@ -497,6 +533,7 @@ class KubeApiHandler(kmock.RawHandler):
                                                        f"is being deleted, found new finalizers {sorted(added)!r}")])
         new["apiVersion"], new["kind"] = rt.group_version, rt.kind
         new, warnings = self._admit(rt, new, old, field_validation)
+        self._check_immutable(rt, old, new)
         meta = new["metadata"]
         meta["resourceVersion"] = old["metadata"]["resourceVersion"]
         if new == old:
@@ -516,6 +553,26 @@ class KubeApiHandler(kmock.RawHandler):
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             self._remove(rt, new)
         return self.serve(rt, new), warnings
+
+    def _check_immutable(self, rt: ResourceType, old: Obj, new: Obj) -> None:
+        """Fields the kind's update validation refuses to change (422), and the allocated ones an
+        update keeps when it leaves them out."""
+        spec_old, spec_new = old.get("spec") or {}, new.get("spec")
+        if not isinstance(spec_new, dict):
+            return
+        name = old["metadata"]["name"]
+        if (rt.group, rt.plural) == ("apps", "deployments") and spec_new.get("selector") != spec_old.get("selector"):
+            shown = json.dumps(spec_new.get("selector"), sort_keys=True)
+            raise invalid(rt, name, [schemas.Cause("spec.selector", "FieldValueInvalid",
+                                                   f"Invalid value: {shown}: field is immutable")])
+        if (rt.group, rt.plural) == ("", "services") and spec_old.get("clusterIP"):
+            for field in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+                if field in spec_old and field not in spec_new:
+                    spec_new[field] = copy.deepcopy(spec_old[field])
+            if spec_new["clusterIP"] != spec_old["clusterIP"]:
+                raise invalid(rt, name, [schemas.Cause("spec.clusterIPs[0]", "FieldValueInvalid",
+                                                       f'Invalid value: "{spec_new["clusterIP"]}": may not change '
+                                                       "once set")])
 
     def delete_object(self, rt: ResourceType, obj: Obj, options: Obj | None = None, *,
                       dry_run: bool = False) -> Obj:
@@ -650,6 +707,8 @@ class KubeApiHandler(kmock.RawHandler):
             raise ApiError(405, "MethodNotAllowed", f"{rt.plural} must be created in a namespace")
         dry_run = query.get("dryRun") == "All"
         field_validation = query.get("fieldValidation", "Ignore")
+        # As the real server: the request's fieldManager, else the client's name from its User-Agent.
+        manager = query.get("fieldManager") or raw.headers.get("User-Agent", "unknown").split("/")[0] or "unknown"
         if method == "GET" and (query.get("watch") in ("true", "1") or route.legacy_watch):
             return await self._watch(raw, rt, route)
         if method == "GET" and route.name is None:
@@ -658,14 +717,15 @@ class KubeApiHandler(kmock.RawHandler):
             return self._json(self.serve(rt, self._existing(rt, route)), raw)
         if method == "POST" and route.name is None:
             obj, warnings = self.create_object(rt, route.namespace, self._parse_body(body, raw),
-                                               dry_run=dry_run, field_validation=field_validation)
+                                               dry_run=dry_run, field_validation=field_validation, manager=manager)
             return self._json(obj, raw, 201, warnings)
         if method == "PUT" and route.name is not None:
             obj, warnings = self.write_object(rt, self._existing(rt, route), self._parse_body(body, raw),
-                                              route.subresource, dry_run=dry_run, field_validation=field_validation)
+                                              route.subresource, dry_run=dry_run, field_validation=field_validation,
+                                              manager=manager)
             return self._json(obj, raw, 200, warnings)
         if method == "PATCH" and route.name is not None:
-            return await self._patch(raw, rt, route, body, dry_run, field_validation)
+            return await self._patch(raw, rt, route, body, dry_run, field_validation, manager)
         if method == "DELETE" and route.name is not None:
             options = self._parse_body(body, raw) if body.strip() else {}
             return self._json(self.delete_object(rt, self._existing(rt, route), options, dry_run=dry_run), raw)
@@ -721,7 +781,7 @@ class KubeApiHandler(kmock.RawHandler):
                 "metadata": {"resourceVersion": str(self.resource_version)}, "items": items}
 
     async def _patch(self, raw: aiohttp.web.BaseRequest, rt: ResourceType, route: Route, body: bytes,
-                     dry_run: bool, field_validation: str) -> aiohttp.web.Response:
+                     dry_run: bool, field_validation: str, manager: str) -> aiohttp.web.Response:
         content_type = raw.content_type
         patch = self._parse_body(body, raw)
         old = self.get_object(rt, route.namespace, route.name or "")
@@ -731,6 +791,10 @@ class KubeApiHandler(kmock.RawHandler):
                                                "value: is required for apply patch")
             if not isinstance(patch, dict):
                 raise ApiError(400, "BadRequest", "an apply patch must be an object")
+            for field in ("apiVersion", "kind"):
+                if not patch.get(field):
+                    raise ApiError(400, "BadRequest", f"error decoding YAML: Object '{field}' is missing")
+            self._check_kind(rt, patch)
             if old is None:
                 meta = patch.setdefault("metadata", {})
                 if meta.get("name") not in (None, route.name):
@@ -739,12 +803,26 @@ class KubeApiHandler(kmock.RawHandler):
                 if route.subresource:
                     raise not_found(rt, route.name or "")
                 obj, warnings = self.create_object(rt, route.namespace, patch, dry_run=dry_run,
-                                                   field_validation=field_validation)
+                                                   field_validation=field_validation, manager=manager,
+                                                   operation="Apply")
                 return self._json(obj, raw, 201, warnings)
-            # Server-side apply is emulated as create-or-merge: field ownership and removal of fields a
-            # manager no longer applies are not tracked.
-            merge = patches.json_merge_patch if rt.custom else patches.strategic_merge_patch
-            desired = merge(self.serve(rt, old), patch)
+            if route.subresource:  # ownership of status is not emulated: the apply merges
+                desired = patches.json_merge_patch(self.serve(rt, old), patch)
+            else:
+                meta = patch.get("metadata") or {}
+                if meta.get("name") not in (None, route.name):
+                    raise ApiError(400, "BadRequest", "the name of the object does not match the name on the URL")
+                try:
+                    desired = fieldmanager.apply(self.serve(rt, old), patch, manager, self.field_schema(rt),
+                                                 rt.group_version, force=raw.query.get("force") == "true")
+                except fieldmanager.Conflicts as exc:
+                    causes = [schemas.Cause(fieldmanager.render(p), "FieldManagerConflict",
+                                            f'conflict with "{m}"') for m, p in exc.conflicts]
+                    raise ApiError(409, "Conflict", str(exc), _details(rt, route.name, causes)) from exc
+                obj, warnings = self.write_object(rt, old, desired, None, dry_run=dry_run,
+                                                  field_validation=field_validation,
+                                                  managed_fields=desired["metadata"].get("managedFields") or [])
+                return self._json(obj, raw, 200, warnings)
         else:
             if old is None:
                 raise not_found(rt, route.name or "")
@@ -768,7 +846,7 @@ class KubeApiHandler(kmock.RawHandler):
         if not isinstance(desired, dict):
             raise ApiError(422, "Invalid", "the patch must leave an object", _details(rt, route.name))
         obj, warnings = self.write_object(rt, old, desired, route.subresource, dry_run=dry_run,
-                                          field_validation=field_validation)
+                                          field_validation=field_validation, manager=manager)
         return self._json(obj, raw, 200, warnings)
 
     async def _watch(self, raw: aiohttp.web.BaseRequest, rt: ResourceType, route: Route
