@@ -68,15 +68,7 @@ def test_kubectl_apply_of_the_example_yields_a_wired_flow_that_becomes_ready(api
 def test_a_second_reconcile_writes_nothing(cluster):
     ready_captioning(cluster)
     transition = cluster.condition("captioning", "Ready")["lastTransitionTime"]
-    mark = len(cluster.api.request_log)
-    # Touching the flow's metadata makes kopf run the update handler: a full reconcile.
-    cluster.api.patch("aiflows", "captioning", {"metadata": {"annotations": {"example.com/touch": "1"}}}, NS)
-    cluster.wait(lambda: cluster.operator_reads("deployments", mark), message="a reconcile after the touch")
-    cluster.wait(
-        lambda: any(r.resource == "aiflows" and r.verb == "patch" and r.subresource is None
-                    for r in cluster.api.request_log[mark:] if r.user_agent.startswith("kopf")),
-        message="kopf to finish the update handler")
-    assert cluster.operator_writes(mark) == []
+    assert cluster.writes_of_a_full_reconcile("captioning") == []
     assert cluster.condition("captioning", "Ready")["lastTransitionTime"] == transition
 
 
