@@ -41,7 +41,7 @@ def requested(records) -> set[Permission]:
     for r in records:
         if r.user_agent.startswith(OPERATOR_AGENTS) and r.resource is not None and r.group is not None:
             resource = f"{r.resource}/{r.subresource}" if r.subresource else r.resource
-            needed.add((r.namespace, r.group, resource, r.verb))
+            needed.update((r.namespace, r.group, resource, verb) for verb in r.verbs)
     return needed
 
 

@@ -139,6 +139,12 @@ class RequestRecord:
     subresource: str | None = None
     user_agent: str = ""
     code: int | None = None
+    label_selector: str | None = None  # of a list or watch
+    also: tuple[str, ...] = ()  # further verbs the request needed (an apply that creates: create)
+
+    @property
+    def verbs(self) -> tuple[str, ...]:
+        return (self.verb, *self.also)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +208,7 @@ class KubeApiHandler(kmock.RawHandler):
         self.compacted_rv = 0
         self.watches: list[_Watch] = []
         self.request_log: list[RequestRecord] = []
+        self._current: RequestRecord | None = None  # the request being answered
         self.orphaned_uids: set[str] = set()  # owners deleted with propagationPolicy=Orphan
         self.warnings: list[str] = []  # what the emulator could not check (e.g. a CEL rule it cannot run)
         self.listeners: list[Callable[[str, ResourceType, Obj], None]] = []  # called on every stored change
@@ -659,6 +666,7 @@ class KubeApiHandler(kmock.RawHandler):
         assert raw is not None
         route = parse_resource_path(raw.path)
         record = self._record(raw, route)
+        self._current = record
         try:
             response = await self._dispatch(raw, route, request.body)
         except ApiError as exc:
@@ -683,7 +691,7 @@ class KubeApiHandler(kmock.RawHandler):
                         "DELETE": "delete" if route.name else "deletecollection"}.get(method, method.lower())
             record = RequestRecord(method, raw.path, verb, route.group, route.version, route.plural,
                                    route.namespace, route.name, route.subresource,
-                                   raw.headers.get("User-Agent", ""))
+                                   raw.headers.get("User-Agent", ""), label_selector=raw.query.get("labelSelector"))
         self.request_log.append(record)
         return record
 
@@ -802,6 +810,7 @@ class KubeApiHandler(kmock.RawHandler):
                 meta["name"] = route.name
                 if route.subresource:
                     raise not_found(rt, route.name or "")
+                self._current.also = ("create",)  # as RBAC sees it: an apply that creates needs create
                 obj, warnings = self.create_object(rt, route.namespace, patch, dry_run=dry_run,
                                                    field_validation=field_validation, manager=manager,
                                                    operation="Apply")
@@ -1353,7 +1362,7 @@ def derive_rbac_rules(records: Iterable[RequestRecord]) -> list[Obj]:
         if record.resource is None or record.group is None:
             continue
         resource = f"{record.resource}/{record.subresource}" if record.subresource else record.resource
-        by_group[record.group][resource].add(record.verb)
+        by_group[record.group][resource].update(record.verbs)
     rules = []
     for group in sorted(by_group):
         # Resources with identical verbs share a rule, as hand-written roles do.

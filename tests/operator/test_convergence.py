@@ -42,6 +42,8 @@ def test_a_field_removed_from_the_spec_is_removed_from_the_cluster(cluster):
     cluster.api.patch("aiflows", "trim", {"spec": {"stages": stages}}, NS)
     cluster.wait(lambda: container(cluster.children("trim")["trim-head"])["resources"] == {"requests": {"cpu": "1"}},
                  message="the limits removed from the head's Deployment")
+    cluster.wait(lambda: cluster.flow("trim")["status"].get("observedGeneration") == cluster.flow("trim")["metadata"]["generation"],
+                 message="the reconcile of the change finished")
     assert cluster.writes_of_a_full_reconcile("trim") == []
 
 
@@ -67,6 +69,8 @@ def test_a_hand_edit_of_an_owned_field_is_put_back_by_a_forced_apply(cluster):
     cluster.api.kubectl("patch", "deployment", "edited-head", "--type=merge", "-p",
                         '{"metadata":{"labels":{"aiflow.io/stage":"tampered","team":"ours"}}}')
     cluster.writes_of_a_full_reconcile("edited")
+    cluster.wait(lambda: cluster.children("edited")["edited-head"]["metadata"]["labels"]["aiflow.io/stage"] == "head",
+                 message="the operator's label back")
     labels = cluster.children("edited")["edited-head"]["metadata"]["labels"]
     # The operator's own label is back; a label someone else added is theirs and stays.
     assert labels["aiflow.io/stage"] == "head" and labels["team"] == "ours"
