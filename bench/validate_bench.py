@@ -12,7 +12,6 @@ Prints a table and writes bench/results/validate_bench.csv. Target: under 0.3 s.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import resource
 import statistics
@@ -24,6 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_csv  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 TARGET_SECONDS = 0.3
 
@@ -67,11 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'checkout':<16}{'median wall s':>15}{'best wall s':>13}{'median cpu s':>14}   target < {TARGET_SECONDS} s")
     for row in rows:
         print(f"{row['checkout']:<16}{row['median_wall_s']:>15.3f}{row['best_wall_s']:>13.3f}{row['median_cpu_s']:>14.3f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "validate_bench.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    write_csv(RESULTS / "validate_bench.csv",
+              ({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows))
     return 0
 
 

@@ -21,8 +21,10 @@ Not emulated (a test that needs one of these needs a real cluster):
 - server-side apply and managedFields are emulated for objects (tests/kube/fieldmanager.py), not
   for status;
 - foreground deletion (treated as background), pagination (`limit` is ignored: one page), reads at an
-  older resourceVersion, watch bookmarks, authentication and RBAC enforcement (every token is
-  accepted; `derive_rbac_rules` turns the request log into the rules a role would need);
+  older resourceVersion, watch bookmarks, authentication (every token is accepted: RBAC is
+  enforced only for the tokens a test registers with `authorize_token`, tests/kube/rbac.py; the
+  others act as the cluster's admin; `derive_rbac_rules` turns the request log into the rules a
+  role would need);
 - built-in kinds are checked against the published 1.32 JSON schemas (no deeper Go validation than
   the immutable Deployment selector and Service clusterIP) and stored as the real server stores them
   for the kinds the tests write: empty `omitempty` values dropped, unknown fields pruned, the Go
@@ -57,7 +59,7 @@ import aiohttp.web
 import kmock
 import yaml
 
-from tests.kube import builtin_schemas, defaults, fieldmanager, patches, schemas, selectors
+from tests.kube import builtin_schemas, defaults, fieldmanager, patches, rbac, schemas, selectors
 from tests.kube.resources import BUILTIN_RESOURCES, NODE_METRICS, SUBRESOURCE_VERBS, ResourceType, crd_resource_types
 
 logger = logging.getLogger(__name__)
@@ -209,6 +211,7 @@ class KubeApiHandler(kmock.RawHandler):
         self.watches: list[_Watch] = []
         self.request_log: list[RequestRecord] = []
         self._current: RequestRecord | None = None  # the request being answered
+        self.restricted_tokens: dict[str, rbac.User] = {}  # bearer token -> user whose RBAC is enforced
         self.orphaned_uids: set[str] = set()  # owners deleted with propagationPolicy=Orphan
         self.warnings: list[str] = []  # what the emulator could not check (e.g. a CEL rule it cannot run)
         self.listeners: list[Callable[[str, ResourceType, Obj], None]] = []  # called on every stored change
@@ -668,6 +671,7 @@ class KubeApiHandler(kmock.RawHandler):
         record = self._record(raw, route)
         self._current = record
         try:
+            self._authorize(raw, route, record)
             response = await self._dispatch(raw, route, request.body)
         except ApiError as exc:
             response = aiohttp.web.json_response(exc.status(), status=exc.code)
@@ -677,6 +681,29 @@ class KubeApiHandler(kmock.RawHandler):
             response = aiohttp.web.json_response(body, status=500)
         record.code = response.status
         return response
+
+    def _authorize(self, raw: aiohttp.web.BaseRequest, route: Route | None, record: RequestRecord) -> None:
+        """RBAC, for the tokens registered as restricted (403 for what their roles do not grant)."""
+        auth = raw.headers.get("Authorization", "")
+        user = self.restricted_tokens.get(auth[7:]) if auth.startswith("Bearer ") else None
+        if user is None or route is None or route.plural is None or record.group is None:
+            return  # the admin, or discovery (granted to every authenticated user)
+        if raw.method.upper() == "PATCH" and raw.content_type == APPLY_PATCH and route.name:
+            rt = self.types.get((route.group, route.version, route.plural))
+            if rt is not None and self.get_object(rt, route.namespace, route.name) is None:
+                record.also = ("create",)
+        resource = f"{record.resource}/{record.subresource}" if record.subresource else record.resource
+        store = self.store
+        roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
+                 for plural in ("roles", "clusterroles")
+                 for o in store[("rbac.authorization.k8s.io", plural)].values()}
+        bindings = [o for plural in ("rolebindings", "clusterrolebindings")
+                    for o in store[("rbac.authorization.k8s.io", plural)].values()]
+        for verb in record.verbs:
+            request = rbac.Request(verb, record.group, resource, record.namespace, record.name)
+            if not rbac.allowed(request, user, roles, bindings):
+                raise ApiError(403, "Forbidden", rbac.forbidden_message(request, user),
+                               {"name": record.name or "", "group": record.group, "kind": record.resource})
 
     def _record(self, raw: aiohttp.web.BaseRequest, route: Route | None) -> RequestRecord:
         method = raw.method.upper()
@@ -1164,11 +1191,19 @@ class EmulatedApiServer:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
 
-    def kubeconfig_data(self, namespace: str = "default") -> Obj:
+    def authorize_token(self, token: str, user: "rbac.User") -> Path:
+        """Requests with bearer `token` are made as `user` and authorized by RBAC (the Roles,
+        ClusterRoles and bindings stored here); returns a kubeconfig with that token."""
+        self.call(lambda h: h.restricted_tokens.__setitem__(token, user))
+        path = self.workdir / f"kubeconfig-{token}"
+        path.write_text(yaml.safe_dump(self.kubeconfig_data(token=token)))
+        return path
+
+    def kubeconfig_data(self, namespace: str = "default", token: str = "emulated") -> Obj:
         return {
             "apiVersion": "v1", "kind": "Config", "current-context": "emulated",
             "clusters": [{"name": "emulated", "cluster": {"server": self.url}}],
-            "users": [{"name": "emulated", "user": {"token": "emulated"}}],
+            "users": [{"name": "emulated", "user": {"token": token}}],
             "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "emulated",
                                                            "namespace": namespace}}],
         }

@@ -443,3 +443,52 @@ def test_seeded_nodes_carry_tier_labels_conditions_and_allocatable(apiserver, cl
     assert apiserver.get("nodes", "edge-1")["metadata"]["labels"]["aiflow.io/tier"] == "device"
     apiserver.remove_node("cloud-1")
     assert [n["metadata"]["name"] for n in apiserver.list("nodes")] == ["edge-1"]
+
+
+def test_rbac_is_enforced_for_a_registered_token(apiserver, client):
+    from tests.kube.rbac import User
+
+    apiserver.create_namespace("team")
+    apiserver.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                      "metadata": {"name": "read-configmaps", "namespace": "default"},
+                      "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}]})
+    apiserver.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                      "metadata": {"name": "reader", "namespace": "default"},
+                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-configmaps"},
+                      "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "team"}]})
+    apiserver.authorize_token("reader-token", User.service_account("team", "reader"))
+    as_reader = {"Authorization": "Bearer reader-token"}
+
+    def call(method, path, body=None):
+        return requests.request(method, apiserver.url + path, json=body, headers=as_reader, timeout=10)
+
+    assert call("GET", CONFIGMAPS).status_code == 200
+    assert call("GET", "/api").status_code == 200  # discovery: every authenticated user
+    elsewhere = call("GET", "/api/v1/namespaces/team/configmaps")
+    assert elsewhere.status_code == 403
+    assert elsewhere.json()["message"] == ('configmaps is forbidden: User "system:serviceaccount:team:reader" cannot '
+                                           'list resource "configmaps" in API group "" in the namespace "team"')
+    write = call("POST", CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})
+    assert write.status_code == 403 and "cannot create" in write.json()["message"]
+    assert call("GET", "/api/v1/configmaps").status_code == 403  # across namespaces needs a ClusterRole
+    # Every other token is the admin's.
+    assert client.post(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}).status_code == 201
+
+
+def test_an_apply_that_creates_needs_create_as_well_as_patch(apiserver):
+    from tests.kube.rbac import User
+
+    apiserver.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "patcher"},
+                      "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["patch"]}]})
+    apiserver.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                      "metadata": {"name": "patcher"},
+                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "patcher"},
+                      "subjects": [{"kind": "User", "name": "patcher"}]})
+    apiserver.authorize_token("patcher-token", User("patcher"))
+    headers = {"Authorization": "Bearer patcher-token", "Content-Type": "application/apply-patch+yaml"}
+    body = yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"x": "1"}})
+    url = f"{apiserver.url}{CONFIGMAPS}/a?fieldManager=me"
+    refused = requests.patch(url, data=body, headers=headers, timeout=10)
+    assert refused.status_code == 403 and "cannot create" in refused.json()["message"]
+    apiserver.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "default"}})
+    assert requests.patch(url, data=body, headers=headers, timeout=10).status_code == 200
