@@ -2,10 +2,11 @@
 
 The real kopf operator runs the captioning example through its life (a name conflict with objects
 of someone else, create, ready, a node joining, a hand-edited Service repaired, a spec change that
-replaces stages, deletion) against the emulated API server, which records every
-request. The permissions those requests need must all be granted by the chart's rules for the
-operator's ServiceAccount, and every granted permission must have been used, apart from the few listed
-in ALLOWANCES with the reason each is granted anyway.
+replaces stages, deletion) against the emulated API server, as the chart's ServiceAccount: the
+server holds the chart's rendered Roles, ClusterRoles and bindings and refuses (403) what they do
+not grant, as a real one does, and records every request. No request may be refused, and every
+granted permission must have been used, apart from the few listed in ALLOWANCES with the reason
+each is granted anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pytest
 from aiflow import TIERS
 from aiflow.render.names import object_name
 from tests.chart.processes import OPERATOR_AGENTS, ready, reason
-from tests.chart.rendering import containers, granted_permissions, render
+from tests.chart.rendering import NAMESPACE, containers, granted_permissions, render
+from tests.kube.rbac import User
 
 FLOW = "captioning"
 
@@ -41,7 +43,7 @@ def requested(records) -> set[Permission]:
     for r in records:
         if r.user_agent.startswith(OPERATOR_AGENTS) and r.resource is not None and r.group is not None:
             resource = f"{r.resource}/{r.subresource}" if r.subresource else r.resource
-            needed.add((r.namespace, r.group, resource, r.verb))
+            needed.update((r.namespace, r.group, resource, verb) for verb in r.verbs)
     return needed
 
 
@@ -70,16 +72,36 @@ MODES = {
 }
 
 
+RBAC_KINDS = ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
+
+
+def as_chart_service_account(apiserver, rendered, edit=None) -> dict:
+    """The chart's ServiceAccount and RBAC objects stored in the server (`edit` may change the
+    rules first), and the keyword arguments that run the operator as that ServiceAccount."""
+    apiserver.create_namespace(NAMESPACE)
+    for obj in rendered.objects:
+        if obj["kind"] in RBAC_KINDS:
+            apiserver.create(edit(obj) if edit else obj)
+    sa = rendered.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    kubeconfig = apiserver.authorize_token("chart-operator", User.service_account(NAMESPACE, sa))
+    return {"token": "chart-operator", "kubeconfig": kubeconfig}
+
+
+def refused(records) -> list:
+    return [r for r in records if r.code == 403 and r.user_agent.startswith(OPERATOR_AGENTS)]
+
+
 @pytest.fixture(params=sorted(MODES))
-def recorded_run(request, apiserver, run_kopf_operator, garbage_collector):
+def recorded_run(request, chart, apiserver, run_kopf_operator, garbage_collector):
     """The chart values of a mode, and the operator's requests over the life of the captioning flow
-    when it runs as the chart runs it in that mode."""
+    when it runs as the chart runs it in that mode, with the chart's RBAC enforced."""
     values, scope = MODES[request.param]
     apiserver.kubectl("apply", "--validate=false", "-f", "crds/")
     for tier in TIERS:
         apiserver.seed_node(f"{tier}-1", tier, allocatable={"cpu": "8", "memory": "32Gi"})
+    identity = as_chart_service_account(apiserver, render(chart, values))
     apiserver.clear_request_log()
-    run_kopf_operator("aiflow.controller.handlers", **scope)
+    run_kopf_operator("aiflow.controller.handlers", **scope, **identity)
     apiserver.start_deployment_controller()
     # Objects of someone else in the way of a stage: the operator reads them and refuses to touch them.
     squat(apiserver, "Deployment", object_name(FLOW, "head"))
@@ -116,6 +138,7 @@ def recorded_run(request, apiserver, run_kopf_operator, garbage_collector):
     apiserver.kubectl("delete", "aiflow", FLOW, "--wait=false")
     apiserver.wait_for(lambda: apiserver.get("aiflows", FLOW, "default") is None, timeout=60,
                        message="the flow to be deleted")
+    assert refused(apiserver.request_log) == [], "the chart's RBAC refused a request of the operator"
     return values, requested(apiserver.request_log)
 
 
@@ -138,3 +161,25 @@ def test_allowances_are_all_granted(chart):
     """An allowance for a permission the chart no longer grants is dead text."""
     permissions = {g[1:] for g in granted_permissions(render(chart, {}))}
     assert set(ALLOWANCES) <= permissions, sorted(set(ALLOWANCES) - permissions)
+
+
+def test_a_permission_the_chart_does_not_grant_is_refused(chart, apiserver, run_kopf_operator):
+    """The server enforces the chart's rules: without `patch` on Services the operator cannot apply
+    them, the API server answers 403, and the flow does not go Ready."""
+    apiserver.kubectl("apply", "--validate=false", "-f", "crds/")
+    for tier in TIERS:
+        apiserver.seed_node(f"{tier}-1", tier)
+
+    def without_service_patch(obj):
+        for rule in obj.get("rules") or ():
+            if "services" in rule.get("resources", ()):
+                rule["verbs"] = [v for v in rule["verbs"] if v != "patch"]
+        return obj
+
+    identity = as_chart_service_account(apiserver, render(chart, {}), without_service_patch)
+    run_kopf_operator("aiflow.controller.handlers", clusterwide=True, **identity)
+    apiserver.kubectl("apply", "--validate=false", "-f", f"examples/{FLOW}.yaml")
+    (first, *_) = apiserver.wait_for(lambda: refused(apiserver.request_log), timeout=60, message="a 403")
+    assert (first.verb, first.resource) == ("patch", "services")
+    assert apiserver.list("services", "default", label_selector=f"aiflow.io/flow={FLOW}") == []
+    assert not ready(apiserver.get("aiflows", FLOW, "default"))

@@ -3,7 +3,7 @@
 It serves the HTTP API of a kube-apiserver for what kopf and kubectl use: discovery, CRUD with
 uid/resourceVersion/generation/creationTimestamp/generateName, optimistic concurrency, label and field
 selectors, the status subresource, PUT, JSON / merge / strategic merge patches, server-side apply
-(create-or-merge), CRDs that register their resources and validate custom resources against their
+with field ownership (managedFields, conflicts, force), CRDs that register their resources and validate custom resources against their
 openAPIV3Schema (pruning, defaults, CEL rules), watches with resourceVersion, finalizers and
 deletionTimestamp, namespaces, and Events. It emulates the API server only: no controller, scheduler or
 kubelet runs (see tests/kube/controllers.py for the explicit stand-ins tests may start).
@@ -18,12 +18,17 @@ Not emulated (a test that needs one of these needs a real cluster):
   namespace X` or `kubectl scale`; `kubectl apply/create/get/delete -f` use JSON and work;
 - OpenAPI schemas: /openapi/v3 is a skeleton that tells kubectl the server validates fields, so
   `kubectl apply` works with its default validation; `kubectl explain` does not;
-- server-side apply's field ownership: apply is create-or-merge, removes nothing, never conflicts;
+- server-side apply and managedFields are emulated for objects (tests/kube/fieldmanager.py), not
+  for status;
 - foreground deletion (treated as background), pagination (`limit` is ignored: one page), reads at an
-  older resourceVersion, watch bookmarks, authentication and RBAC enforcement (every token is
-  accepted; `derive_rbac_rules` turns the request log into the rules a role would need);
-- built-in kinds are checked against the published 1.32 JSON schemas only (no deeper Go validation)
-  and get few defaults (Service type/clusterIP, Deployment replicas, Namespace phase);
+  older resourceVersion, watch bookmarks, authentication (every token is accepted: RBAC is
+  enforced only for the tokens a test registers with `authorize_token`, tests/kube/rbac.py; the
+  others act as the cluster's admin; `derive_rbac_rules` turns the request log into the rules a
+  role would need);
+- built-in kinds are checked against the published 1.32 JSON schemas (no deeper Go validation than
+  the immutable Deployment selector and Service clusterIP) and stored as the real server stores them
+  for the kinds the tests write: empty `omitempty` values dropped, unknown fields pruned, the Go
+  defaulters' values filled in for Deployments and Services (tests/kube/defaults.py);
 - subresources other than `status`; admission and conversion webhooks (a multi-version CRD stores
   one object and serves it under each version unchanged); core and events.k8s.io Events are
   separate stores.
@@ -54,7 +59,7 @@ import aiohttp.web
 import kmock
 import yaml
 
-from tests.kube import builtin_schemas, patches, schemas, selectors
+from tests.kube import builtin_schemas, defaults, fieldmanager, patches, rbac, schemas, selectors
 from tests.kube.resources import BUILTIN_RESOURCES, NODE_METRICS, SUBRESOURCE_VERBS, ResourceType, crd_resource_types
 
 logger = logging.getLogger(__name__)
@@ -136,6 +141,12 @@ class RequestRecord:
     subresource: str | None = None
     user_agent: str = ""
     code: int | None = None
+    label_selector: str | None = None  # of a list or watch
+    also: tuple[str, ...] = ()  # further verbs the request needed (an apply that creates: create)
+
+    @property
+    def verbs(self) -> tuple[str, ...]:
+        return (self.verb, *self.also)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +210,8 @@ class KubeApiHandler(kmock.RawHandler):
         self.compacted_rv = 0
         self.watches: list[_Watch] = []
         self.request_log: list[RequestRecord] = []
+        self._current: RequestRecord | None = None  # the request being answered
+        self.restricted_tokens: dict[str, rbac.User] = {}  # bearer token -> user whose RBAC is enforced
         self.orphaned_uids: set[str] = set()  # owners deleted with propagationPolicy=Orphan
         self.warnings: list[str] = []  # what the emulator could not check (e.g. a CEL rule it cannot run)
         self.listeners: list[Callable[[str, ResourceType, Obj], None]] = []  # called on every stored change
@@ -354,14 +367,25 @@ class KubeApiHandler(kmock.RawHandler):
         if unknown and field_validation == "Strict":
             raise ApiError(400, "BadRequest", "strict decoding error: " +
                            ", ".join(f'unknown field "{p}"' for p in unknown))
-        if unknown:
-            obj = copy.deepcopy(obj)
-            for path in verdict.unknown:
-                builtin_schemas.drop(obj, path)
+        obj = copy.deepcopy(obj)
+        for path in verdict.unknown:
+            builtin_schemas.drop(obj, path)
+        # Stored as decoding into the kind's struct and encoding it again leaves it: empty omitempty
+        # values gone, the kind's defaults filled in.
+        schema = builtin_schemas.schema_for(rt.group, rt.version, rt.kind)
+        builtin_schemas.drop_empty(obj, schema.root or {}, schema)
+        defaults.apply_defaults(rt.group, rt.kind, obj)
         return obj, [f'unknown field "{p}"' for p in unknown] if field_validation == "Warn" else []
 
+    def field_schema(self, rt: ResourceType) -> fieldmanager.Schema:
+        """The schema that says how the kind's lists merge (for field ownership)."""
+        if rt.custom:
+            return fieldmanager.Schema(rt.schema)
+        return builtin_schemas.schema_for(rt.group, rt.version, rt.kind)
+
     def create_object(self, rt: ResourceType, namespace: str | None, body: Any, *, dry_run: bool = False,
-                      field_validation: str = "Ignore") -> tuple[Obj, list[str]]:
+                      field_validation: str = "Ignore", manager: str | None = None,
+                      operation: str = "Update") -> tuple[Obj, list[str]]:
         """Create: the semantics of POST (and of apply/PUT when the object does not exist)."""
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body of the request must be a JSON object")
@@ -392,6 +416,10 @@ class KubeApiHandler(kmock.RawHandler):
         for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "uid",
                       "creationTimestamp", "generation", "managedFields", "selfLink"):
             meta.pop(field, None)
+        if manager:
+            managed = fieldmanager.created(obj, manager, operation, self.field_schema(rt), rt.group_version)
+            if managed:
+                meta["managedFields"] = managed
         obj, warnings = self._admit(rt, obj, None, field_validation)
         meta = obj["metadata"]
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
@@ -427,8 +455,11 @@ class KubeApiHandler(kmock.RawHandler):
             spec.setdefault("type", "ClusterIP")
             if spec.get("clusterIP") != "None":
                 spec.setdefault("clusterIP", f"10.96.{random.randint(0, 255)}.{random.randint(1, 254)}")
+            spec.setdefault("clusterIPs", [spec["clusterIP"]])
+            spec.setdefault("ipFamilies", ["IPv4"])
+            spec.setdefault("ipFamilyPolicy", "SingleStack")
         elif rt.plural == "deployments" and rt.group == "apps":
-            obj.setdefault("spec", {}).setdefault("replicas", 1)
+            defaults.deployment(obj)
 
     def _establish_crd(self, rt: ResourceType, crd: Obj) -> None:
         """Register the CRD's resources and mark it Established, as the apiextensions server does."""
@@ -455,8 +486,13 @@ class KubeApiHandler(kmock.RawHandler):
         self._emit("MODIFIED", rt, new, crd)
 
     def write_object(self, rt: ResourceType, old: Obj, desired: Obj, subresource: str | None, *,
-                     dry_run: bool = False, field_validation: str = "Ignore") -> tuple[Obj, list[str]]:
-        """Replace an existing object with `desired` (PUT, and the result of every patch)."""
+                     dry_run: bool = False, field_validation: str = "Ignore", manager: str | None = None,
+                     managed_fields: list[Obj] | None = None) -> tuple[Obj, list[str]]:
+        """Replace an existing object with `desired` (PUT, and the result of every patch).
+
+        `manager` (the request's field manager) becomes the owner of the fields it changed;
+        `managed_fields` (from a server-side apply) replaces the object's managedFields.
+        """
         name = old["metadata"]["name"]
         if not isinstance(desired, dict) or not isinstance(desired.get("metadata", {}), dict):
             raise ApiError(400, "BadRequest", "the body of the request must be a JSON object with metadata")
@@ -489,6 +525,16 @@ class KubeApiHandler(kmock.RawHandler):
             else:
                 meta.pop(field, None)
         meta.pop("resourceVersion", None)
+        sent = dmeta.get("managedFields")
+        if managed_fields is None and manager and sent is not None and sent != fieldmanager.entries(old):
+            managed_fields = list(sent)  # a client that rewrites managedFields (kubectl's CSA->SSA upgrade)
+        if subresource == "status" or (managed_fields is None and not manager):
+            managed_fields = fieldmanager.entries(old)
+        elif managed_fields is None:
+            managed_fields = fieldmanager.after_update(old, new, manager, self.field_schema(rt), rt.group_version)
+        meta.pop("managedFields", None)
+        if managed_fields:
+            meta["managedFields"] = managed_fields
         if old["metadata"].get("deletionTimestamp"):
             added = set(meta.get("finalizers") or []) - set(old["metadata"].get("finalizers") or [])
             if added:
@@ -497,6 +543,7 @@ class KubeApiHandler(kmock.RawHandler):
                                                        f"is being deleted, found new finalizers {sorted(added)!r}")])
         new["apiVersion"], new["kind"] = rt.group_version, rt.kind
         new, warnings = self._admit(rt, new, old, field_validation)
+        self._check_immutable(rt, old, new)
         meta = new["metadata"]
         meta["resourceVersion"] = old["metadata"]["resourceVersion"]
         if new == old:
@@ -516,6 +563,26 @@ class KubeApiHandler(kmock.RawHandler):
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             self._remove(rt, new)
         return self.serve(rt, new), warnings
+
+    def _check_immutable(self, rt: ResourceType, old: Obj, new: Obj) -> None:
+        """Fields the kind's update validation refuses to change (422), and the allocated ones an
+        update keeps when it leaves them out."""
+        spec_old, spec_new = old.get("spec") or {}, new.get("spec")
+        if not isinstance(spec_new, dict):
+            return
+        name = old["metadata"]["name"]
+        if (rt.group, rt.plural) == ("apps", "deployments") and spec_new.get("selector") != spec_old.get("selector"):
+            shown = json.dumps(spec_new.get("selector"), sort_keys=True)
+            raise invalid(rt, name, [schemas.Cause("spec.selector", "FieldValueInvalid",
+                                                   f"Invalid value: {shown}: field is immutable")])
+        if (rt.group, rt.plural) == ("", "services") and spec_old.get("clusterIP"):
+            for field in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+                if field in spec_old and field not in spec_new:
+                    spec_new[field] = copy.deepcopy(spec_old[field])
+            if spec_new["clusterIP"] != spec_old["clusterIP"]:
+                raise invalid(rt, name, [schemas.Cause("spec.clusterIPs[0]", "FieldValueInvalid",
+                                                       f'Invalid value: "{spec_new["clusterIP"]}": may not change '
+                                                       "once set")])
 
     def delete_object(self, rt: ResourceType, obj: Obj, options: Obj | None = None, *,
                       dry_run: bool = False) -> Obj:
@@ -602,7 +669,9 @@ class KubeApiHandler(kmock.RawHandler):
         assert raw is not None
         route = parse_resource_path(raw.path)
         record = self._record(raw, route)
+        self._current = record
         try:
+            self._authorize(raw, route, record)
             response = await self._dispatch(raw, route, request.body)
         except ApiError as exc:
             response = aiohttp.web.json_response(exc.status(), status=exc.code)
@@ -612,6 +681,29 @@ class KubeApiHandler(kmock.RawHandler):
             response = aiohttp.web.json_response(body, status=500)
         record.code = response.status
         return response
+
+    def _authorize(self, raw: aiohttp.web.BaseRequest, route: Route | None, record: RequestRecord) -> None:
+        """RBAC, for the tokens registered as restricted (403 for what their roles do not grant)."""
+        auth = raw.headers.get("Authorization", "")
+        user = self.restricted_tokens.get(auth[7:]) if auth.startswith("Bearer ") else None
+        if user is None or route is None or route.plural is None or record.group is None:
+            return  # the admin, or discovery (granted to every authenticated user)
+        if raw.method.upper() == "PATCH" and raw.content_type == APPLY_PATCH and route.name:
+            rt = self.types.get((route.group, route.version, route.plural))
+            if rt is not None and self.get_object(rt, route.namespace, route.name) is None:
+                record.also = ("create",)
+        resource = f"{record.resource}/{record.subresource}" if record.subresource else record.resource
+        store = self.store
+        roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
+                 for plural in ("roles", "clusterroles")
+                 for o in store[("rbac.authorization.k8s.io", plural)].values()}
+        bindings = [o for plural in ("rolebindings", "clusterrolebindings")
+                    for o in store[("rbac.authorization.k8s.io", plural)].values()]
+        for verb in record.verbs:
+            request = rbac.Request(verb, record.group, resource, record.namespace, record.name)
+            if not rbac.allowed(request, user, roles, bindings):
+                raise ApiError(403, "Forbidden", rbac.forbidden_message(request, user),
+                               {"name": record.name or "", "group": record.group, "kind": record.resource})
 
     def _record(self, raw: aiohttp.web.BaseRequest, route: Route | None) -> RequestRecord:
         method = raw.method.upper()
@@ -626,7 +718,7 @@ class KubeApiHandler(kmock.RawHandler):
                         "DELETE": "delete" if route.name else "deletecollection"}.get(method, method.lower())
             record = RequestRecord(method, raw.path, verb, route.group, route.version, route.plural,
                                    route.namespace, route.name, route.subresource,
-                                   raw.headers.get("User-Agent", ""))
+                                   raw.headers.get("User-Agent", ""), label_selector=raw.query.get("labelSelector"))
         self.request_log.append(record)
         return record
 
@@ -650,6 +742,8 @@ class KubeApiHandler(kmock.RawHandler):
             raise ApiError(405, "MethodNotAllowed", f"{rt.plural} must be created in a namespace")
         dry_run = query.get("dryRun") == "All"
         field_validation = query.get("fieldValidation", "Ignore")
+        # As the real server: the request's fieldManager, else the client's name from its User-Agent.
+        manager = query.get("fieldManager") or raw.headers.get("User-Agent", "unknown").split("/")[0] or "unknown"
         if method == "GET" and (query.get("watch") in ("true", "1") or route.legacy_watch):
             return await self._watch(raw, rt, route)
         if method == "GET" and route.name is None:
@@ -658,14 +752,15 @@ class KubeApiHandler(kmock.RawHandler):
             return self._json(self.serve(rt, self._existing(rt, route)), raw)
         if method == "POST" and route.name is None:
             obj, warnings = self.create_object(rt, route.namespace, self._parse_body(body, raw),
-                                               dry_run=dry_run, field_validation=field_validation)
+                                               dry_run=dry_run, field_validation=field_validation, manager=manager)
             return self._json(obj, raw, 201, warnings)
         if method == "PUT" and route.name is not None:
             obj, warnings = self.write_object(rt, self._existing(rt, route), self._parse_body(body, raw),
-                                              route.subresource, dry_run=dry_run, field_validation=field_validation)
+                                              route.subresource, dry_run=dry_run, field_validation=field_validation,
+                                              manager=manager)
             return self._json(obj, raw, 200, warnings)
         if method == "PATCH" and route.name is not None:
-            return await self._patch(raw, rt, route, body, dry_run, field_validation)
+            return await self._patch(raw, rt, route, body, dry_run, field_validation, manager)
         if method == "DELETE" and route.name is not None:
             options = self._parse_body(body, raw) if body.strip() else {}
             return self._json(self.delete_object(rt, self._existing(rt, route), options, dry_run=dry_run), raw)
@@ -721,7 +816,7 @@ class KubeApiHandler(kmock.RawHandler):
                 "metadata": {"resourceVersion": str(self.resource_version)}, "items": items}
 
     async def _patch(self, raw: aiohttp.web.BaseRequest, rt: ResourceType, route: Route, body: bytes,
-                     dry_run: bool, field_validation: str) -> aiohttp.web.Response:
+                     dry_run: bool, field_validation: str, manager: str) -> aiohttp.web.Response:
         content_type = raw.content_type
         patch = self._parse_body(body, raw)
         old = self.get_object(rt, route.namespace, route.name or "")
@@ -731,6 +826,10 @@ class KubeApiHandler(kmock.RawHandler):
                                                "value: is required for apply patch")
             if not isinstance(patch, dict):
                 raise ApiError(400, "BadRequest", "an apply patch must be an object")
+            for field in ("apiVersion", "kind"):
+                if not patch.get(field):
+                    raise ApiError(400, "BadRequest", f"error decoding YAML: Object '{field}' is missing")
+            self._check_kind(rt, patch)
             if old is None:
                 meta = patch.setdefault("metadata", {})
                 if meta.get("name") not in (None, route.name):
@@ -738,13 +837,28 @@ class KubeApiHandler(kmock.RawHandler):
                 meta["name"] = route.name
                 if route.subresource:
                     raise not_found(rt, route.name or "")
+                self._current.also = ("create",)  # as RBAC sees it: an apply that creates needs create
                 obj, warnings = self.create_object(rt, route.namespace, patch, dry_run=dry_run,
-                                                   field_validation=field_validation)
+                                                   field_validation=field_validation, manager=manager,
+                                                   operation="Apply")
                 return self._json(obj, raw, 201, warnings)
-            # Server-side apply is emulated as create-or-merge: field ownership and removal of fields a
-            # manager no longer applies are not tracked.
-            merge = patches.json_merge_patch if rt.custom else patches.strategic_merge_patch
-            desired = merge(self.serve(rt, old), patch)
+            if route.subresource:  # ownership of status is not emulated: the apply merges
+                desired = patches.json_merge_patch(self.serve(rt, old), patch)
+            else:
+                meta = patch.get("metadata") or {}
+                if meta.get("name") not in (None, route.name):
+                    raise ApiError(400, "BadRequest", "the name of the object does not match the name on the URL")
+                try:
+                    desired = fieldmanager.apply(self.serve(rt, old), patch, manager, self.field_schema(rt),
+                                                 rt.group_version, force=raw.query.get("force") == "true")
+                except fieldmanager.Conflicts as exc:
+                    causes = [schemas.Cause(fieldmanager.render(p), "FieldManagerConflict",
+                                            f'conflict with "{m}"') for m, p in exc.conflicts]
+                    raise ApiError(409, "Conflict", str(exc), _details(rt, route.name, causes)) from exc
+                obj, warnings = self.write_object(rt, old, desired, None, dry_run=dry_run,
+                                                  field_validation=field_validation,
+                                                  managed_fields=desired["metadata"].get("managedFields") or [])
+                return self._json(obj, raw, 200, warnings)
         else:
             if old is None:
                 raise not_found(rt, route.name or "")
@@ -768,7 +882,7 @@ class KubeApiHandler(kmock.RawHandler):
         if not isinstance(desired, dict):
             raise ApiError(422, "Invalid", "the patch must leave an object", _details(rt, route.name))
         obj, warnings = self.write_object(rt, old, desired, route.subresource, dry_run=dry_run,
-                                          field_validation=field_validation)
+                                          field_validation=field_validation, manager=manager)
         return self._json(obj, raw, 200, warnings)
 
     async def _watch(self, raw: aiohttp.web.BaseRequest, rt: ResourceType, route: Route
@@ -1077,11 +1191,19 @@ class EmulatedApiServer:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
 
-    def kubeconfig_data(self, namespace: str = "default") -> Obj:
+    def authorize_token(self, token: str, user: "rbac.User") -> Path:
+        """Requests with bearer `token` are made as `user` and authorized by RBAC (the Roles,
+        ClusterRoles and bindings stored here); returns a kubeconfig with that token."""
+        self.call(lambda h: h.restricted_tokens.__setitem__(token, user))
+        path = self.workdir / f"kubeconfig-{token}"
+        path.write_text(yaml.safe_dump(self.kubeconfig_data(token=token)))
+        return path
+
+    def kubeconfig_data(self, namespace: str = "default", token: str = "emulated") -> Obj:
         return {
             "apiVersion": "v1", "kind": "Config", "current-context": "emulated",
             "clusters": [{"name": "emulated", "cluster": {"server": self.url}}],
-            "users": [{"name": "emulated", "user": {"token": "emulated"}}],
+            "users": [{"name": "emulated", "user": {"token": token}}],
             "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "emulated",
                                                            "namespace": namespace}}],
         }
@@ -1275,7 +1397,7 @@ def derive_rbac_rules(records: Iterable[RequestRecord]) -> list[Obj]:
         if record.resource is None or record.group is None:
             continue
         resource = f"{record.resource}/{record.subresource}" if record.subresource else record.resource
-        by_group[record.group][resource].add(record.verb)
+        by_group[record.group][resource].update(record.verbs)
     rules = []
     for group in sorted(by_group):
         # Resources with identical verbs share a rule, as hand-written roles do.

@@ -2,8 +2,9 @@
 
 A real API server decodes built-in kinds into typed structs: unknown fields are dropped (or rejected
 with fieldValidation=Strict), wrong types answer 400, and missing required fields 422. This reproduces
-that from the published schemas; the kinds' deeper Go validation (e.g. a selector matching the
-template's labels) is not emulated.
+that from the published schemas, and what decoding into a struct and encoding it again does to
+what is stored (`drop_empty`: `omitempty` fields with empty values are not kept). The kinds' deeper
+Go validation (e.g. a selector matching the template's labels) is not emulated.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import jsonschema
 from referencing import Registry, Resource
 
+from tests.kube.fieldmanager import Schema
 from tests.kube.schemas import Cause
 
 SCHEMA_VERSION = "v1.32.0-local-strict"
@@ -94,3 +96,45 @@ def drop(obj: Any, path: tuple[Any, ...]) -> None:
         obj = obj[part]
     if isinstance(obj, dict):
         obj.pop(path[-1], None)
+
+
+@functools.lru_cache(maxsize=1)
+def _definitions() -> dict[str, Any]:
+    return json.loads(_schema_file("_definitions.json").read_text())["$defs"]
+
+
+@functools.lru_cache(maxsize=None)
+def schema_for(group: str, version: str, kind: str) -> Schema:
+    """The kind's published schema, navigable (list types, map keys) for field ownership."""
+    api_version = f"{group.split('.')[0]}-{version}" if group else version
+    path = _schema_file(f"{kind.lower()}-{api_version}.json")
+    root = json.loads(path.read_text()) if path.is_file() else {}
+    return Schema(root, _definitions())
+
+
+def _types(node: dict[str, Any]) -> set[str]:
+    kind = node.get("type")
+    return set(kind if isinstance(kind, list) else [kind] if kind else [])
+
+
+def drop_empty(value: Any, node: dict[str, Any], schema: Schema) -> None:
+    """Drop, in place, what a typed struct with `omitempty` does not keep: optional fields that are
+    null, empty strings, empty lists and empty maps (`additionalProperties`). Empty structs stay
+    (`resources: {}`), as do `false` and `0` (the schema does not say which fields are pointers)."""
+    node = schema.resolve(node)
+    if isinstance(value, dict):
+        required = set(node.get("required") or ())
+        struct = bool(node.get("properties"))
+        for key in list(value):
+            sub = schema.child(node, key)
+            item = value[key]
+            if struct and key not in required and (
+                    item is None or (item == "" and "string" in _types(sub)) or
+                    (item == [] and "array" in _types(sub)) or
+                    (item == {} and not sub.get("properties") and isinstance(sub.get("additionalProperties"), dict))):
+                del value[key]
+            elif isinstance(item, (dict, list)):
+                drop_empty(item, sub, schema)
+    elif isinstance(value, list):
+        for item in value:
+            drop_empty(item, schema.items(node), schema)

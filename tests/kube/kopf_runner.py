@@ -21,15 +21,16 @@ from tests.kube.apiserver import EmulatedApiServer
 logger = logging.getLogger(__name__)
 
 _LOGIN_ID = "emulated-apiserver-login"
-_servers_by_thread: dict[int, str] = {}  # operator thread id -> API server URL
+_servers_by_thread: dict[int, tuple[str, str]] = {}  # operator thread id -> (API server URL, token)
 
 
 async def _login_to_emulated_apiserver(**_: Any) -> kopf.ConnectionInfo | None:
     """kopf login handler: the operator in this thread talks to its emulated API server."""
-    url = _servers_by_thread.get(threading.get_ident())
-    if url is None:
+    found = _servers_by_thread.get(threading.get_ident())
+    if found is None:
         return None
-    return kopf.ConnectionInfo(server=url, scheme="Bearer", token="emulated", default_namespace="default")
+    url, token = found
+    return kopf.ConnectionInfo(server=url, scheme="Bearer", token=token, default_namespace="default")
 
 
 def _ensure_login_handler(registry: kopf.OperatorRegistry) -> None:
@@ -87,6 +88,8 @@ def run_kopf_operator(
     clusterwide: bool = False,
     settings: kopf.OperatorSettings | None = None,
     startup_timeout: float = 30,
+    token: str = "emulated",
+    kubeconfig: Path | None = None,
 ) -> Iterator[KopfOperator]:
     """Run the real kopf operator with the given handlers against `apiserver`, stop it on exit.
 
@@ -95,6 +98,9 @@ def run_kopf_operator(
     runs, `KUBECONFIG` points at the server too, so API clients in handlers (e.g. the `kubernetes`
     package's `load_kube_config()`) reach the same server, as they would in a cluster (so run one
     operator per process at a time when its handlers rely on that).
+    `token` is the bearer token kopf logs in with and `kubeconfig` what `KUBECONFIG` points at
+    (default: the server's admin token and kubeconfig); with a token registered through
+    `apiserver.authorize_token`, the operator runs under that user's RBAC.
     Raises if the operator dies at startup or does not become ready in `startup_timeout` seconds.
     """
     load_handlers(modules_or_paths)
@@ -104,7 +110,7 @@ def run_kopf_operator(
     errors: list[BaseException] = []
 
     def run() -> None:
-        _servers_by_thread[threading.get_ident()] = apiserver.url
+        _servers_by_thread[threading.get_ident()] = (apiserver.url, token)
         loop = asyncio.new_event_loop()
         try:
             asyncio.set_event_loop(loop)
@@ -122,7 +128,7 @@ def run_kopf_operator(
             ready_flag.set()
 
     previous_kubeconfig = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(apiserver.kubeconfig)
+    os.environ["KUBECONFIG"] = str(kubeconfig or apiserver.kubeconfig)
     thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
     thread.start()
     operator = KopfOperator(thread, stop_flag, ready_flag, errors)

@@ -162,16 +162,43 @@ def test_strategic_merge_patch_merges_containers_env_and_ports_by_key(client):
     assert strategy == {"type": "Recreate"}
 
 
-def test_server_side_apply_creates_then_merges_and_needs_a_field_manager(client):
-    body = yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"},
-                           "data": {"x": "1"}})
-    assert client.patch(f"{CONFIGMAPS}/a", body, "apply").status_code == 422
-    created = client.patch(f"{CONFIGMAPS}/a", body, "apply", fieldManager="me")
+def configmap(**data) -> str:
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": data})
+
+
+def test_server_side_apply_creates_merges_managers_and_needs_a_field_manager(client):
+    assert client.patch(f"{CONFIGMAPS}/a", configmap(x="1"), "apply").status_code == 422
+    created = client.patch(f"{CONFIGMAPS}/a", configmap(x="1"), "apply", fieldManager="me")
     assert created.status_code == 201 and created.json()["data"] == {"x": "1"}
-    again = yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"},
-                            "data": {"y": "2"}})
-    merged = client.patch(f"{CONFIGMAPS}/a", again, "apply", fieldManager="me", force="true")
-    assert merged.status_code == 200 and merged.json()["data"] == {"x": "1", "y": "2"}
+    (entry,) = created.json()["metadata"]["managedFields"]
+    assert (entry["manager"], entry["operation"], entry["fieldsV1"]) == ("me", "Apply", {"f:data": {"f:x": {}}})
+    # Another manager's apply adds its field beside the first one's.
+    other = client.patch(f"{CONFIGMAPS}/a", configmap(y="2"), "apply", fieldManager="other")
+    assert other.status_code == 200 and other.json()["data"] == {"x": "1", "y": "2"}
+    assert {e["manager"] for e in other.json()["metadata"]["managedFields"]} == {"me", "other"}
+
+
+def test_server_side_apply_removes_what_the_manager_no_longer_applies(client):
+    client.patch(f"{CONFIGMAPS}/a", configmap(x="1", z="3"), "apply", fieldManager="me")
+    client.patch(f"{CONFIGMAPS}/a", configmap(z="3", y="2"), "apply", fieldManager="other")
+    # `me` stops applying x and z: x goes (only `me` owned it), z stays (`other` owns it too).
+    after = client.patch(f"{CONFIGMAPS}/a", configmap(w="4"), "apply", fieldManager="me")
+    assert after.status_code == 200 and after.json()["data"] == {"w": "4", "y": "2", "z": "3"}
+
+
+def test_server_side_apply_conflicts_with_another_managers_field_unless_forced(client):
+    client.patch(f"{CONFIGMAPS}/a", configmap(x="1"), "apply", fieldManager="me")
+    client.patch(f"{CONFIGMAPS}/a", json.dumps({"data": {"x": "edited"}}), "merge", fieldManager="editor")
+    refused = client.patch(f"{CONFIGMAPS}/a", configmap(x="1"), "apply", fieldManager="me")
+    assert refused.status_code == 409 and 'conflict with "editor"' in refused.json()["message"]
+    assert ".data.x" in refused.json()["message"]
+    forced = client.patch(f"{CONFIGMAPS}/a", configmap(x="1"), "apply", fieldManager="me", force="true")
+    assert forced.status_code == 200 and forced.json()["data"] == {"x": "1"}
+    assert [e["manager"] for e in forced.json()["metadata"]["managedFields"]] == ["me"]
+    rv = forced.json()["metadata"]["resourceVersion"]
+    # An apply that changes nothing is no write: the resourceVersion stays.
+    again = client.patch(f"{CONFIGMAPS}/a", configmap(x="1"), "apply", fieldManager="me")
+    assert again.status_code == 200 and again.json()["metadata"]["resourceVersion"] == rv
 
 
 def test_built_in_kinds_are_checked_against_the_published_schemas(client):
@@ -186,7 +213,42 @@ def test_built_in_kinds_are_checked_against_the_published_schemas(client):
     strict = client.post(DEPLOYMENTS, unknown, fieldValidation="Strict")
     assert strict.status_code == 400 and "spec.template.spec.containers[0].imagePolicy" in strict.json()["message"]
     dropped = client.post(DEPLOYMENTS, unknown).json()  # fieldValidation=Ignore: dropped, as decoding does
-    assert dropped["spec"]["template"]["spec"]["containers"][0] == {"name": "a", "image": "a:1"}
+    assert "imagePolicy" not in dropped["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_built_in_objects_are_stored_as_the_real_server_stores_them(client):
+    container = {"name": "a", "image": "a:1", "env": [{"name": "EMPTY", "value": ""}], "args": [],
+                 "ports": [{"containerPort": 8000}]}
+    stored = client.post(DEPLOYMENTS, deployment("d", [container])).json()
+    # Empty omitempty values are not kept, ...
+    (kept,) = stored["spec"]["template"]["spec"]["containers"]
+    assert kept["env"] == [{"name": "EMPTY"}] and "args" not in kept
+    # ... and the kind's defaults are filled in.
+    assert kept["ports"] == [{"containerPort": 8000, "protocol": "TCP"}]
+    assert kept["terminationMessagePath"] == "/dev/termination-log" and kept["imagePullPolicy"] == "IfNotPresent"
+    spec = stored["spec"]
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}
+    assert (spec["revisionHistoryLimit"], spec["progressDeadlineSeconds"]) == (10, 600)
+    assert spec["template"]["spec"]["dnsPolicy"] == "ClusterFirst"
+    service = client.post("/api/v1/namespaces/default/services",
+                          {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+                           "spec": {"selector": {"app": "d"}, "ports": [{"port": 80}]}}).json()
+    assert service["spec"]["ports"] == [{"port": 80, "protocol": "TCP", "targetPort": 80}]
+    assert service["spec"]["sessionAffinity"] == "None"
+
+
+def test_a_deployments_selector_and_a_services_cluster_ip_are_immutable(client):
+    client.post(DEPLOYMENTS, deployment("d", [{"name": "a", "image": "a:1"}]))
+    changed = {"spec": {"selector": {"matchLabels": {"app": "d", "extra": "x"}},
+                        "template": {"metadata": {"labels": {"app": "d", "extra": "x"}}}}}
+    refused = client.patch(f"{DEPLOYMENTS}/d", changed, "strategic")
+    assert refused.status_code == 422 and "spec.selector" in refused.json()["message"]
+    assert "field is immutable" in refused.json()["message"]
+    services = "/api/v1/namespaces/default/services"
+    ip = client.post(services, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+                                "spec": {"ports": [{"port": 80}]}}).json()["spec"]["clusterIP"]
+    moved = client.patch(f"{services}/s", {"spec": {"clusterIP": "10.0.0.1" if ip != "10.0.0.1" else "10.0.0.2"}})
+    assert moved.status_code == 422 and "may not change once set" in moved.json()["message"]
 
 
 def test_label_and_field_selectors_filter_lists(client):
@@ -381,3 +443,52 @@ def test_seeded_nodes_carry_tier_labels_conditions_and_allocatable(apiserver, cl
     assert apiserver.get("nodes", "edge-1")["metadata"]["labels"]["aiflow.io/tier"] == "device"
     apiserver.remove_node("cloud-1")
     assert [n["metadata"]["name"] for n in apiserver.list("nodes")] == ["edge-1"]
+
+
+def test_rbac_is_enforced_for_a_registered_token(apiserver, client):
+    from tests.kube.rbac import User
+
+    apiserver.create_namespace("team")
+    apiserver.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                      "metadata": {"name": "read-configmaps", "namespace": "default"},
+                      "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}]})
+    apiserver.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                      "metadata": {"name": "reader", "namespace": "default"},
+                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-configmaps"},
+                      "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "team"}]})
+    apiserver.authorize_token("reader-token", User.service_account("team", "reader"))
+    as_reader = {"Authorization": "Bearer reader-token"}
+
+    def call(method, path, body=None):
+        return requests.request(method, apiserver.url + path, json=body, headers=as_reader, timeout=10)
+
+    assert call("GET", CONFIGMAPS).status_code == 200
+    assert call("GET", "/api").status_code == 200  # discovery: every authenticated user
+    elsewhere = call("GET", "/api/v1/namespaces/team/configmaps")
+    assert elsewhere.status_code == 403
+    assert elsewhere.json()["message"] == ('configmaps is forbidden: User "system:serviceaccount:team:reader" cannot '
+                                           'list resource "configmaps" in API group "" in the namespace "team"')
+    write = call("POST", CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})
+    assert write.status_code == 403 and "cannot create" in write.json()["message"]
+    assert call("GET", "/api/v1/configmaps").status_code == 403  # across namespaces needs a ClusterRole
+    # Every other token is the admin's.
+    assert client.post(CONFIGMAPS, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}).status_code == 201
+
+
+def test_an_apply_that_creates_needs_create_as_well_as_patch(apiserver):
+    from tests.kube.rbac import User
+
+    apiserver.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "patcher"},
+                      "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["patch"]}]})
+    apiserver.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                      "metadata": {"name": "patcher"},
+                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "patcher"},
+                      "subjects": [{"kind": "User", "name": "patcher"}]})
+    apiserver.authorize_token("patcher-token", User("patcher"))
+    headers = {"Authorization": "Bearer patcher-token", "Content-Type": "application/apply-patch+yaml"}
+    body = yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"x": "1"}})
+    url = f"{apiserver.url}{CONFIGMAPS}/a?fieldManager=me"
+    refused = requests.patch(url, data=body, headers=headers, timeout=10)
+    assert refused.status_code == 403 and "cannot create" in refused.json()["message"]
+    apiserver.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "default"}})
+    assert requests.patch(url, data=body, headers=headers, timeout=10).status_code == 200

@@ -77,7 +77,12 @@ def test_custom_resources_by_short_name_with_printer_columns_and_schema_errors(a
     unknown = apiserver.kubectl("apply", "-f", "-", input=widget.replace("size: 2", "size: 2, shape: round"),
                                 check=False)
     assert unknown.returncode != 0 and 'unknown field "spec.shape"' in unknown.stderr  # server-side, strict
-    apiserver.kubectl("apply", "--server-side", "-f", "-", input=widget.replace("red", "blue"))
+    # As on a real server: the client-side apply owns the color, so changing it server-side conflicts
+    # until the change is forced.
+    owned = apiserver.kubectl("apply", "--server-side", "-f", "-", input=widget.replace("red", "blue"), check=False)
+    assert owned.returncode != 0 and 'conflict with "kubectl-client-side-apply"' in owned.stderr
+    assert ".spec.color" in owned.stderr
+    apiserver.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=widget.replace("red", "blue"))
     assert apiserver.get("widgets", "w", "default")["spec"]["color"] == "blue"
     apiserver.kubectl("delete", "-f", "-", input=widget)
     assert apiserver.list("widgets") == []
@@ -94,3 +99,13 @@ def test_namespaces_from_kubectl(apiserver, namespace_flag):
     apiserver.kubectl("create", "-f", "-", input="apiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n")
     apiserver.kubectl("apply", "-n", "team", "-f", "-", input=DEPLOYMENT)
     assert "web" in apiserver.kubectl("get", "deployments", *namespace_flag).stdout
+
+
+def test_kubectl_apply_refuses_unknown_fields_of_built_in_kinds_on_create_and_on_update(apiserver):
+    typo = DEPLOYMENT.replace("replicas: 2", "replica: 2")
+    created = apiserver.kubectl("apply", "-f", "-", input=typo, check=False)
+    assert created.returncode != 0 and 'unknown field "spec.replica"' in created.stderr
+    apiserver.kubectl("apply", "-f", "-", input=DEPLOYMENT)
+    for mode in (["--server-side"], []):  # a patch of an existing object is checked as strictly
+        updated = apiserver.kubectl("apply", *mode, "-f", "-", input=typo, check=False)
+        assert updated.returncode != 0 and 'unknown field "spec.replica"' in updated.stderr, mode

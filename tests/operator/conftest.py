@@ -62,6 +62,17 @@ class Cluster:
         return [r for r in self.api.request_log[since:]
                 if r.user_agent.startswith(USER_AGENT) and r.verb in WRITES]
 
+    def writes_of_a_full_reconcile(self, name: str, touch: str = "1") -> list:
+        """Touch the flow's metadata (kopf then runs the update handler: a full reconcile), wait for
+        that reconcile and for kopf to finish, and return the writes the operator made meanwhile."""
+        mark = len(self.api.request_log)
+        self.api.patch("aiflows", name, {"metadata": {"annotations": {"example.com/touch": touch}}}, NS)
+        self.wait(lambda: self.operator_reads("deployments", mark), message="a reconcile after the touch")
+        self.wait(lambda: any(r.resource == "aiflows" and r.verb == "patch" and r.subresource is None and r.name == name
+                              for r in self.api.request_log[mark:] if r.user_agent.startswith("kopf")),
+                  message="kopf to finish the update handler")
+        return self.operator_writes(mark)
+
     def operator_reads(self, resource: str, since: int = 0) -> list:
         return [r for r in self.api.request_log[since:]
                 if r.user_agent.startswith(USER_AGENT) and r.verb in ("get", "list") and r.resource == resource]

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from aiflow.cli import main
-from aiflow.controller.apply import merge_patch
+from aiflow.controller.apply import unchanged
 from tests.operator.conftest import NS, ROOT
 
 CAPTIONING = ROOT / "examples" / "captioning.yaml"
@@ -93,6 +93,6 @@ def test_render_prints_exactly_what_the_operator_applies(cluster, capsys, tmp_pa
     assert sorted(live) == sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
     for obj in rendered:
         current = live[(obj["kind"], obj["metadata"]["name"])]
-        assert merge_patch({"metadata": obj["metadata"], "spec": obj["spec"]}, current) is None
+        assert unchanged(obj, current)
         # and nothing the operator set is missing from the dry run
         assert current["metadata"]["labels"] == obj["metadata"]["labels"]

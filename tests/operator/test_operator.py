@@ -68,15 +68,7 @@ def test_kubectl_apply_of_the_example_yields_a_wired_flow_that_becomes_ready(api
 def test_a_second_reconcile_writes_nothing(cluster):
     ready_captioning(cluster)
     transition = cluster.condition("captioning", "Ready")["lastTransitionTime"]
-    mark = len(cluster.api.request_log)
-    # Touching the flow's metadata makes kopf run the update handler: a full reconcile.
-    cluster.api.patch("aiflows", "captioning", {"metadata": {"annotations": {"example.com/touch": "1"}}}, NS)
-    cluster.wait(lambda: cluster.operator_reads("deployments", mark), message="a reconcile after the touch")
-    cluster.wait(
-        lambda: any(r.resource == "aiflows" and r.verb == "patch" and r.subresource is None
-                    for r in cluster.api.request_log[mark:] if r.user_agent.startswith("kopf")),
-        message="kopf to finish the update handler")
-    assert cluster.operator_writes(mark) == []
+    assert cluster.writes_of_a_full_reconcile("captioning") == []
     assert cluster.condition("captioning", "Ready")["lastTransitionTime"] == transition
 
 
@@ -245,3 +237,27 @@ def test_a_tier_losing_its_nodes_is_reported_and_the_running_stages_are_kept(clu
     cluster.api.set_node_ready("edge-1", True)
     cluster.wait_condition("captioning", "Ready", "True")
     assert cluster.condition("captioning", "TiersSchedulable")["status"] == "True"
+
+
+def test_the_operator_watches_only_its_own_objects_and_the_tier_nodes(cluster):
+    cluster.api.create({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "other", "namespace": NS},
+                        "spec": {"selector": {"matchLabels": {"app": "other"}}, "template": {
+                            "metadata": {"labels": {"app": "other"}},
+                            "spec": {"containers": [{"name": "c", "image": "registry.example/other:1"}]}}}})
+    ready_captioning(cluster)
+    watches = {}
+    for r in cluster.api.request_log:
+        if r.user_agent.startswith("kopf") and r.verb in ("list", "watch") and r.resource in ("deployments", "services", "nodes"):
+            watches.setdefault((r.resource, r.verb), set()).add(r.label_selector)
+    # Filtered by the API server: the operator never receives another Deployment, or a node of no tier.
+    assert watches[("deployments", "watch")] == watches[("services", "watch")] == {"app.kubernetes.io/managed-by=aiflow-operator"}
+    assert watches[("nodes", "watch")] == {"aiflow.io/tier"}
+    assert all(None not in selectors for selectors in watches.values())
+
+
+def test_a_deleted_service_is_put_back_without_waiting_for_the_resync(cluster):
+    ready_captioning(cluster)
+    cluster.api.kubectl("delete", "service", "captioning-drafter")
+    # The resync is 30 s away: the Service watch brings it back first.
+    cluster.wait(lambda: "captioning-drafter" in cluster.children("captioning", "services"),
+                 message="the Service recreated", timeout=20)

@@ -1,43 +1,69 @@
-"""The pure parts of reconcile: what apply patches, and the status and Events it reports."""
+"""The pure parts of reconcile: whether an apply would change anything, and the status and Events it reports."""
+
+import copy
 
 from aiflow.api.problems import NO_NODES_FOR_TIER, Problem
 from aiflow.api.spec import parse_flow
-from aiflow.controller.apply import Action, covers, merge_patch
+from aiflow.controller.apply import Action, differences, extract, managed, unchanged
 from aiflow.controller.reconcile import decisions
 from aiflow.controller.status import (
     Observation, StageState, build_status, changed_conditions, deployment_ready_replicas, status_patch,
 )
 
+# As a live object reads after the operator applied DESIRED: the server normalised the quantities,
+# dropped the empty env value, added defaults and another manager's label.
+OWNED = {"f:metadata": {"f:labels": {"f:a": {}}},
+         "f:spec": {"f:replicas": {}, "f:template": {"f:spec": {"f:containers": {'k:{"name":"c"}': {
+             ".": {}, "f:name": {}, "f:image": {}, "f:env": {'k:{"name":"E"}': {".": {}, "f:name": {}, "f:value": {}}},
+             "f:resources": {"f:requests": {"f:cpu": {}, "f:memory": {}}}}}}}}}
 LIVE = {
-    "metadata": {"labels": {"a": "1", "added-by-someone": "x"}, "annotations": {"deployment.kubernetes.io/revision": "1"}},
+    "metadata": {"labels": {"a": "1", "added-by-someone": "x"}, "annotations": {"deployment.kubernetes.io/revision": "1"},
+                 "managedFields": [{"manager": "aiflow-operator", "operation": "Apply", "fieldsV1": OWNED},
+                                   {"manager": "kubectl", "operation": "Update", "fieldsV1": {}}]},
     "spec": {"replicas": 1, "progressDeadlineSeconds": 600,
              "template": {"spec": {"containers": [{"name": "c", "image": "i:1", "terminationMessagePath": "/dev/x",
+                                                   "env": [{"name": "E"}],
                                                    "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}]}}},
 }
 DESIRED = {
     "metadata": {"labels": {"a": "1"}},
     "spec": {"replicas": 1, "template": {"spec": {"containers": [
-        {"name": "c", "image": "i:1", "resources": {"requests": {"cpu": "1000m", "memory": "1024Mi"}}}]}}},
+        {"name": "c", "image": "i:1", "env": [{"name": "E", "value": ""}],
+         "resources": {"requests": {"cpu": "1000m", "memory": "1024Mi"}}}]}}},
 }
 
 
-def test_server_defaults_and_normalised_quantities_are_not_differences():
-    assert covers(LIVE, DESIRED)
-    assert merge_patch(DESIRED, LIVE) is None
+def test_defaults_others_fields_dropped_empty_values_and_normalised_quantities_are_no_change():
+    assert unchanged(DESIRED, LIVE)
 
 
-def test_patch_holds_only_the_changed_fields():
-    desired = {"metadata": {"labels": {"a": "2"}}, "spec": {"replicas": 3, "template": DESIRED["spec"]["template"]}}
-    assert merge_patch(desired, LIVE) == {"metadata": {"labels": {"a": "2"}}, "spec": {"replicas": 3}}
+def test_a_changed_value_is_a_change_and_names_its_path():
+    desired = copy.deepcopy(DESIRED)
+    desired["spec"]["replicas"] = 3
+    desired["metadata"]["labels"]["a"] = "2"
+    assert not unchanged(desired, LIVE)
+    owned = managed(extract(LIVE, OWNED))
+    assert list(differences(managed(desired), owned)) == ["metadata.labels.a", "spec.replicas"]
 
 
-def test_a_changed_list_is_sent_whole():
-    desired = {"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "i:2"}]}}}}
-    assert merge_patch(desired, LIVE) == desired
+def test_a_field_no_longer_rendered_is_a_change_the_apply_removes():
+    desired = copy.deepcopy(DESIRED)
+    del desired["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"]
+    assert not unchanged(desired, LIVE)
+    owned = managed(extract(LIVE, OWNED))
+    assert list(differences(managed(desired), owned)) == ["spec.template.spec"]
 
 
-def test_missing_fields_are_added():
-    assert merge_patch({"metadata": {"ownerReferences": [{"uid": "u"}]}}, LIVE) == {"metadata": {"ownerReferences": [{"uid": "u"}]}}
+def test_an_object_the_operator_never_applied_is_applied():
+    never = copy.deepcopy(LIVE)
+    never["metadata"]["managedFields"] = never["metadata"]["managedFields"][1:]
+    assert not unchanged(DESIRED, never)
+
+
+def test_extract_reads_the_owned_fields_only():
+    assert extract(LIVE, OWNED)["metadata"] == {"labels": {"a": "1"}}
+    (container,) = extract(LIVE, OWNED)["spec"]["template"]["spec"]["containers"]
+    assert "terminationMessagePath" not in container and container["env"] == [{"name": "E"}]
 
 
 def flow():

@@ -206,3 +206,28 @@ def test_garbage_measurements_are_survived_and_reported(tiers):
     latency = status(cluster)["latency"]
     assert latency["predictedMs"] > 0 and latency["source"].startswith("unavailable")  # no Triton reachable here
     assert plan(cluster)["revision"] == 1 and status(cluster)["phase"] == "Ready"
+
+
+def test_a_lost_status_is_recovered_from_the_objects_without_touching_the_serving_revision(tiers):
+    cluster = tiers
+    cluster.api.start_deployment_controller()
+    cluster.api.create(auto_flow(cooldown=3600))
+    cluster.wait_condition(FLOW, "Ready", "True")
+    cluster.api.patch_node("device-1", {"metadata": {"annotations": THIN_UPLINK}})
+    serving = {f"{FLOW}-head-r2", f"{FLOW}-drafter-r2", f"{FLOW}-verifier-r2"}
+    cluster.wait(lambda: plan(cluster).get("revision") == 2 and set(cluster.children(FLOW)) == serving,
+                 message="the flow moved to revision 2", timeout=WAIT)
+    moved = plan(cluster)
+    mark = len(cluster.api.request_log)
+    since = len(history(cluster, "deployments"))
+
+    cluster.api.patch("aiflows", FLOW, {"status": None}, NS, subresource="status")  # e.g. a restore without status
+    recovered = cluster.wait(lambda: plan(cluster), message="the plan back in status", timeout=WAIT)
+    assert recovered["revision"] == 2 and recovered["placement"] == moved["placement"]
+    assert "recovered" in recovered["reason"]
+    decisions_seen(cluster, 2)  # two more rescheduler turns on the recovered plan
+    assert set(cluster.children(FLOW)) == serving
+    assert [obj["metadata"]["name"] for _, kind, obj in history(cluster, "deployments")[since:] if kind == "DELETED"] == []
+    children = [(r.verb, r.resource, r.name) for r in cluster.operator_writes(mark) if r.resource in ("deployments", "services")]
+    assert children == []
+    assert cluster.condition(FLOW, "Ready")["status"] == "True"

@@ -136,3 +136,37 @@ def test_validation_does_not_change_the_manifest(catalog):
     before = copy.deepcopy(manifest)
     validate_manifest(manifest, catalog)
     assert manifest == before
+
+
+@pytest.mark.parametrize("change, path, fix", [
+    (lambda d: d["spec"]["stages"][0].update(replica=3), "spec.stages[0].replica", 'did you mean "replicas"?'),
+    (lambda d: d["spec"].update(bogus=1), "spec.bogus", "the fields here are: links, objective, rescheduling, stages, triton"),
+    (lambda d: d["metadata"].update(lables={"a": "b"}), "metadata.lables", 'did you mean "labels"?'),
+    (lambda d: d["spec"].update(triton={"modelRepository": {"path": "/m", "pvc": {}}}),
+     "spec.triton.modelRepository.pvc", "the fields here are"),
+])
+def test_unknown_fields_are_refused_like_strict_kubectl_with_a_fix(change, path, fix):
+    manifest = flow(HEAD, DRAFTER, VERIFIER)
+    change(manifest)
+    (problem,) = [p for p in validate_manifest(manifest) if p.path == path]
+    assert problem.reason == INVALID_SPEC and f'unknown field "{path}"' in problem.message and fix in problem.message
+
+
+def test_unknown_fields_are_what_the_api_server_prunes():
+    """The same fields as the emulated API server finds unknown in the CRD's schema (it refuses them
+    with fieldValidation=Strict, kubectl's default)."""
+    from aiflow.api.schema import openapi_schema
+    from tests.kube.schemas import prune
+
+    manifest = flow(dict(HEAD, replica=3, env=[{"name": "A", "value": "1", "valueFrum": {}}]), DRAFTER, VERIFIER,
+                    bogus=1, objective={"latencyMs": 100, "p99": 1})
+    pruned = prune(copy.deepcopy(manifest), openapi_schema())
+    found = sorted(p.path for p in validate_manifest(manifest) if p.message.startswith("unknown field"))
+    assert found == sorted(pruned) and len(found) == 4
+
+
+def test_the_examples_have_no_unknown_fields():
+    for path in EXAMPLES:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "AIFlow":
+                assert [p for p in validate_manifest(doc) if "unknown field" in p.message] == [], path

@@ -1,7 +1,7 @@
 """Everything wrong with an AIFlow manifest, each problem with its field path and what to fix.
 
-Order of the checks: identity (apiVersion, kind, name), the CRD's schema and CEL rules (what a
-cluster would reject at apply time), then semantics the schema cannot know: models that exist in
+Order of the checks: identity (apiVersion, kind, name), fields the schema does not declare (strict
+field validation), the CRD's schema and CEL rules (what a cluster would reject at apply time), then semantics the schema cannot know: models that exist in
 the model repository, the data contract between consecutive stages, and — given a view of the
 cluster — tiers that have nodes.
 """
@@ -17,7 +17,7 @@ from aiflow.api.catalog import ModelInfo, load_catalog
 from aiflow.api.cluster import ClusterView
 from aiflow.api.locations import model_repo_path
 from aiflow.api.problems import NO_NODES_FOR_TIER, Problem
-from aiflow.api.schema import apply_defaults, cel_problems, schema_problems
+from aiflow.api.schema import apply_defaults, cel_problems, schema_problems, unknown_field_problems
 from aiflow.contract import ACCEPTS, EMITS
 
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -35,7 +35,7 @@ def validate_manifest(
     repository; tier problems (reason NoNodesForTier) are reported only when `cluster` is given."""
     if not isinstance(manifest, dict):
         return [Problem("<root>", f"an AIFlow manifest must be a mapping, not {type(manifest).__name__}")]
-    problems = identity_problems(manifest)
+    problems = identity_problems(manifest) + unknown_field_problems(manifest)
     doc = apply_defaults(manifest)
     # The user's part of the object: status is the operator's, and of metadata only the name is checked.
     meta = doc.get("metadata")

@@ -9,6 +9,7 @@ import argparse
 import os
 import random
 import sys
+import time
 
 import yaml
 
@@ -122,6 +123,8 @@ def cmd_validate(args) -> int:
 def cmd_render(args) -> int:
     from aiflow.api.spec import parse_flow
     from aiflow.api.validate import validate_manifest
+    from aiflow.controller.recovery import annotate
+    from aiflow.controller.rescheduler import record_of
     from aiflow.controller.revisions import render_revision
     from aiflow.planner.placement import resolve_placement
 
@@ -135,8 +138,10 @@ def cmd_render(args) -> int:
         flow = parse_flow(doc, args.namespace or "default")
         if args.namespace and flow.namespace != args.namespace:
             raise CLIError(f"{flow_label(doc, i)} names namespace {flow.namespace}, not {args.namespace}")
-        # A new flow starts at revision 1, serving itself: what reconcile applies first.
-        objects.extend(render_revision(flow, resolve_placement(flow, cluster), 1, 1))
+        # A new flow starts at revision 1, serving itself: what reconcile applies first, its
+        # Deployments annotated with the plan (so that it survives a loss of status).
+        placement = resolve_placement(flow, cluster)
+        objects.extend(annotate(render_revision(flow, placement, 1, 1), record_of(flow, placement, 1, time.time())))
     yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, default_flow_style=False)
     return 0
 

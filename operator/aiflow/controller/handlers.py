@@ -1,8 +1,13 @@
 """The kopf handlers: thin, all calling the one `reconcile`.
 
 Create, update and resume of an AIFlow, a periodic resync timer (a backstop for what no event
-announces), every change of a Deployment the operator owns (readiness), and a node joining, leaving
-or changing tier or readiness all queue a reconcile of the flows concerned. Reconciles of one flow
+announces), every change of a Deployment the operator owns (readiness, a hand edit), a change of a
+Service it owns that it did not make (a hand edit, a deletion), and a node joining, leaving or
+changing tier or readiness all queue a reconcile of the flows concerned.
+
+The watches of Deployments, Services and Nodes are filtered by the API server (label selectors, in
+`configure`): the operator receives only the objects it owns and the nodes of a tier, not every
+Deployment and Node of the cluster. Reconciles of one flow
 never overlap, and a burst of triggers while one runs collapses into a single follow-up run, which
 reads the latest state anyway.
 
@@ -26,7 +31,7 @@ import kopf
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from aiflow import GROUP, KIND, PLURAL, VERSION
+from aiflow import GROUP, KIND, PLURAL, TIER_LABEL, VERSION
 from aiflow.api.cluster import node_info
 from aiflow.controller import metrics, rescheduler
 from aiflow.controller.kube import ApiError, KubeApi
@@ -36,6 +41,11 @@ from aiflow.controller.revisions import stage_service
 from aiflow.controller.stage_metrics import StageMetricsError, StageSample, metrics_url, read_stage_metrics, stage_times
 from aiflow.controller.status import INVALID, UNSCHEDULABLE, readiness_signature
 from aiflow.render.names import MANAGED_BY, MANAGED_BY_LABEL
+
+OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"  # the Deployments and Services the operator owns
+# Server-side filters of the operator's watches (and of kopf's initial lists).
+WATCH_SELECTORS = {("apps", "v1", "deployments"): OWNED_SELECTOR, ("", "v1", "services"): OWNED_SELECTOR,
+                   ("", "v1", "nodes"): TIER_LABEL}
 
 RESYNC_SECONDS = float(os.environ.get("AIFLOW_RESYNC_SECONDS", "30"))
 RETRY_SECONDS = 10.0
@@ -61,6 +71,7 @@ class FlowQueue:
         self.flows: set[tuple[str, str]] = set()
         self._nodes: dict[str, tuple] = {}
         self._deployments: dict[tuple[str, str], tuple] = {}  # readiness as last seen
+        self._services: dict[tuple[str, str], str] = {}  # resourceVersion as the operator last left it
         self._ticks: dict[tuple[str, str], Tick] = {}  # rescheduler turns that joined a queued run
         self.last_tick: dict[tuple[str, str], float] = {}
         self.stage_samples: dict[tuple[str, str], dict[str, StageSample]] = {}  # per flow, per stage Service
@@ -86,6 +97,15 @@ class FlowQueue:
         else:
             self._deployments[key] = signature
         return before != signature or signature is None
+
+    def service_changed(self, namespace: str, name: str, version: str | None) -> bool:
+        """Records a Service's resourceVersion; True when it is not the one the operator's own last
+        write (or read) left, i.e. someone else changed or deleted it."""
+        key = (namespace, name)
+        before = self._services.pop(key, None) if version is None else self._services.get(key)
+        if version is not None:
+            self._services[key] = version
+        return before != version
 
     def node_changed(self, name: str, state: tuple | None) -> bool:
         """Records a node's (tier, usable) state; True when it differs from the last one seen."""
@@ -142,6 +162,7 @@ class FlowQueue:
         if result.placed:
             metrics.record_plan_decision("placed")
         self._deployments.update({(namespace, n): sig for n, sig in result.deployments.items()})
+        self._services.update({(namespace, n): version for n, version in result.services.items()})
         for event in result.events:
             kopf.event(object_reference(result.flow), type=event.type, reason=event.reason,
                        message=event.message[:EVENT_MESSAGE_LIMIT])
@@ -170,7 +191,7 @@ def record_step(step) -> None:
         metrics.record_migration("failed")
 
 
-@kopf.index("", "v1", "nodes")
+@kopf.index("", "v1", "nodes", labels={TIER_LABEL: kopf.PRESENT})
 def tier_nodes(body, **_) -> dict[str, NodeRecord] | None:
     """Nodes by tier (with their speed and link measurements), kept current by kopf's watch:
     reconcile reads the cluster from here instead of listing nodes every time (kopf fills indexes
@@ -192,6 +213,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.INFO
     settings.posting.loggers = False  # only the decisions reconcile reports become Events
+    for resource, selector in WATCH_SELECTORS.items():
+        settings.watching.label_selectors[resource] = selector
     if getattr(memo, "api", None) is None:
         memo.api = KubeApi.from_environment()
     memo.queue = FlowQueue()
@@ -293,12 +316,7 @@ async def flow_reschedule(spec, status, namespace, name, memo, logger, tier_node
         logger.warning("rescheduling of %s/%s failed: %s", namespace, name, exc)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={MANAGED_BY_LABEL: MANAGED_BY})
-async def owned_deployment_changed(body, event, namespace, memo, logger, tier_nodes, **_):
-    gone = event.get("type") == "DELETED"
-    signature = None if gone else readiness_signature(body)
-    if not memo.queue.deployment_changed(namespace, body["metadata"]["name"], signature):
-        return
+async def _reconcile_owner(body, namespace, memo, logger, tier_nodes) -> None:
     for ref in body.get("metadata", {}).get("ownerReferences") or ():
         if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/") and ref.get("controller"):
             try:
@@ -307,7 +325,23 @@ async def owned_deployment_changed(body, event, namespace, memo, logger, tier_no
                 logger.warning("reconcile of %s/%s failed: %s", namespace, ref["name"], exc)
 
 
-@kopf.on.event("", "v1", "nodes")
+@kopf.on.event("apps", "v1", "deployments", labels={MANAGED_BY_LABEL: MANAGED_BY})
+async def owned_deployment_changed(body, event, namespace, memo, logger, tier_nodes, **_):
+    gone = event.get("type") == "DELETED"
+    signature = None if gone else readiness_signature(body)
+    if memo.queue.deployment_changed(namespace, body["metadata"]["name"], signature):
+        await _reconcile_owner(body, namespace, memo, logger, tier_nodes)
+
+
+@kopf.on.event("", "v1", "services", labels={MANAGED_BY_LABEL: MANAGED_BY})
+async def owned_service_changed(body, event, namespace, memo, logger, tier_nodes, **_):
+    """A Service of a flow changed or went, and not by the operator's hand: put it back at once."""
+    version = None if event.get("type") == "DELETED" else body["metadata"].get("resourceVersion")
+    if memo.queue.service_changed(namespace, body["metadata"]["name"], version):
+        await _reconcile_owner(body, namespace, memo, logger, tier_nodes)
+
+
+@kopf.on.event("", "v1", "nodes", labels={TIER_LABEL: kopf.PRESENT})
 async def node_changed(body, event, memo, logger, tier_nodes, **_):
     """A node joined, left or changed tier or readiness: re-check every flow (a tier without nodes
     heals at once, not at the next resync)."""

@@ -14,6 +14,9 @@ import kubernetes
 from aiflow import __version__
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+# The one field manager of every object the operator applies (server-side apply).
+FIELD_MANAGER = "aiflow-operator"
 USER_AGENT = f"aiflow-operator/{__version__}"
 REQUEST_TIMEOUT = 30  # seconds; a hung API server must not hang a reconcile forever
 
@@ -117,6 +120,14 @@ class KubeApi:
 
     def patch(self, path: str, body: dict) -> dict:
         return self.request("PATCH", path, body=body, content_type=MERGE_PATCH)
+
+    def apply(self, path: str, body: dict, field_manager: str = FIELD_MANAGER) -> dict:
+        """Server-side apply of `body` (a complete object: apiVersion, kind, metadata.name) as
+        `field_manager`, conflicts forced: the object ends up with exactly the fields this manager
+        applies now (those it applied before and no longer does are removed, unless another manager
+        owns them too); created when it does not exist."""
+        return self.request("PATCH", path, query={"fieldManager": field_manager, "force": "true"},
+                            body=body, content_type=APPLY_PATCH)
 
     def delete(self, path: str) -> None:
         try:

@@ -5,8 +5,8 @@ so running it again changes nothing.
 Nothing is created before everything is validated: an invalid spec or a tier without nodes leaves
 the cluster as it was and says why in status (and in an Event when that news is new).
 
-The plan the flow runs is kept in its status, and `rescheduler.step` decides from it what runs
-next; a move brings up the new revision's objects beside the serving ones (`revisions`), and the
+The plan the flow runs is kept in its status (and, for when status is lost, on its objects:
+`recovery`), and `rescheduler.step` decides from it what runs next; a move brings up the new revision's objects beside the serving ones (`revisions`), and the
 reconcile that sees them all Ready switches the entry Service and deletes the old revision.
 """
 
@@ -26,6 +26,7 @@ from aiflow.controller import rescheduler
 from aiflow.controller.apply import Action, NameConflict, apply_flow, list_owned
 from aiflow.controller.kube import KubeApi, Resource
 from aiflow.controller.observe import NodeRecord, cluster_view, observations, observe_nodes
+from aiflow.controller.recovery import annotate, recovered_plans
 from aiflow.controller.rescheduler import DecisionRecord, PlanRecord, Step, parse_stamp, stamp
 from aiflow.controller.revisions import (
     deployment_name, endpoint, merge_revisions, render_revision, revision_of, service_name,
@@ -77,6 +78,7 @@ class Result:
     events: list[Event] = field(default_factory=list)
     status_written: bool = False
     deployments: dict[str, tuple] = field(default_factory=dict)  # name -> readiness_signature
+    services: dict[str, str] = field(default_factory=dict)  # name -> resourceVersion
     stages: int = 0
     ready_stages: int = 0
     placed: bool = False  # the placement changed
@@ -110,82 +112,129 @@ def reconcile(api: KubeApi, namespace: str, name: str, catalog: dict[str, ModelI
     body = api.get(AIFLOWS.path(namespace, name))
     if body is None or body["metadata"].get("deletionTimestamp"):
         return Result()  # deletion is garbage collection's job: never recreate or patch anything
-    uid = body["metadata"].get("uid", "")
-    generation = int(body["metadata"].get("generation") or 0)
-    result = Result(flow=body)
     if nodes is None:
         nodes = [NodeRecord(n) for n in cluster.nodes] if cluster is not None else observe_nodes(api)
     cluster = cluster_view(nodes)
-    load = load or Load()
-    now = tick.now if tick else time.time()
-
     problems = validate_manifest(body, catalog, cluster)
     spec_problems = tuple(p for p in problems if p.reason == INVALID_SPEC)
     tier_problems = tuple(p for p in problems if p.reason != INVALID_SPEC)
-    live = list_owned(api, namespace, flow_selector(name))
     old = body.get("status") or {}
-
-    flow = placement = None
-    conflict = ""
-    plan_status = {k: old.get(k) for k in PLAN_FIELDS}
-    names, links, degraded, step = None, (), None, None
-    if not spec_problems:
-        flow = parse_flow(body, namespace)
+    run = Run(live=list_owned(api, namespace, flow_selector(name)), plan_status={k: old.get(k) for k in PLAN_FIELDS})
+    flow = parse_flow(body, namespace) if not spec_problems else None
     if flow is not None and not tier_problems:
-        seen = observations(nodes, load.utilisation, load.notes)
-        state = cluster_state(seen.tiers, seen.links, declared_links(flow))
-        serving = PlanRecord.from_status(old.get("plan"), flow)
-        migration = PlanRecord.from_status(old.get("migration"), flow)
-        step = rescheduler.step(
-            flow, serving, migration, state=state, cluster=cluster, now=now,
-            last_migration_at=parse_stamp(old.get("lastMigrationTime")),
-            target_ready=migration is not None and revision_ready(flow, migration.revision, live),
-            due=tick is not None)
-        revision = step.serving.revision
-        placement = rescheduler.placement_of_record(flow, step.serving, state, cluster)
-        desired = render_revision(flow, placement, revision, revision)
-        if step.migration is not None:
-            target = rescheduler.placement_of_record(flow, step.migration, state, cluster)
-            desired = merge_revisions(desired, render_revision(flow, target, step.migration.revision, revision))
-        try:
-            result.actions, live = apply_flow(api, desired, live, uid)
-        except NameConflict as exc:
-            conflict = str(exc)
-        names = {s.name: (deployment_name(flow, s.name, revision), service_name(flow, s.name, revision),
-                          endpoint(flow, s.name, revision)) for s in flow.stages}
-        links = hop_links(flow, placement, state)
-        result.links = tuple(state.link(h["from"], h["to"]) for h in links)
-        degraded = tuple(rescheduler.degraded_tiers(step, cluster))
-        predicted = placement.plan.latency_ms if placement.plan else None
-        result.predicted_latency_s = predicted / 1e3 if predicted is not None else None
-        plan_status = plan_fields(step, old, seen, predicted, tick, now)
+        run = run_plan(api, flow, body, run.live, nodes, load or Load(), cluster, tick)
     elif flow is not None:
-        degraded = tuple(rescheduler.lost_tiers(PlanRecord.from_status(old.get("plan"), flow), cluster))
-    result.step = step
-    serving_deployments = {k: v for k, v in live.items()
-                           if k[0] == "Deployment" and (names is None or k[1] in {n[0] for n in names.values()})}
-    obs = Observation(
-        generation=generation,
+        run.degraded = tuple(rescheduler.lost_tiers(PlanRecord.from_status(old.get("plan"), flow), cluster))
+    obs = observation(flow, body, run, spec_problems, tier_problems)
+    return write_status(api, body, flow, run, obs)
+
+
+@dataclass
+class Run:
+    """What planning and applying a valid, schedulable flow did and found."""
+
+    live: dict[tuple[str, str], dict]  # the flow's objects as they are now, by (kind, name)
+    plan_status: dict  # the rescheduler's part of the status (PLAN_FIELDS)
+    actions: list[Action] = field(default_factory=list)
+    conflict: str = ""
+    step: Step | None = None
+    placement: object = None  # the serving revision's Placement
+    names: dict | None = None  # stage -> (Deployment, Service, endpoint) of the serving revision
+    links: tuple = ()  # status.links of the hops the flow crosses
+    link_states: tuple = ()  # planner LinkStates of those hops
+    degraded: tuple | None = None
+
+
+def current_plans(flow: Flow, old: dict, live: dict, now: float) -> tuple[PlanRecord | None, PlanRecord | None, float | None]:
+    """(serving plan, move under way, time of the last move) from status; from the flow's objects
+    when status has no plan (lost), with the last move taken as just now when the flow has moved
+    (the cooldown holds rather than a move at once)."""
+    serving = PlanRecord.from_status(old.get("plan"), flow)
+    migration = PlanRecord.from_status(old.get("migration"), flow)
+    last_move = parse_stamp(old.get("lastMigrationTime"))
+    if serving is None and not old.get("plan"):
+        serving, migration = recovered_plans(flow, live)
+        if serving is not None and serving.revision > 1 and last_move is None:
+            last_move = now
+    return serving, migration, last_move
+
+
+def desired_objects(flow: Flow, step: Step, state, cluster: ClusterView):
+    """The objects of the serving revision (and of the one moving in, beside it) and the serving
+    revision's Placement."""
+    revision = step.serving.revision
+    placement = rescheduler.placement_of_record(flow, step.serving, state, cluster)
+    desired = annotate(render_revision(flow, placement, revision, revision), step.serving)
+    if step.migration is not None:
+        target = rescheduler.placement_of_record(flow, step.migration, state, cluster)
+        incoming = annotate(render_revision(flow, target, step.migration.revision, revision), step.migration)
+        desired = merge_revisions(desired, incoming)
+    return desired, placement
+
+
+def run_plan(api: KubeApi, flow: Flow, body: dict, live: dict, nodes: list[NodeRecord], load: Load,
+             cluster: ClusterView, tick: Tick | None) -> Run:
+    """The rescheduler's step for the flow, its objects applied, and what status reports of them."""
+    now = tick.now if tick else time.time()
+    old = body.get("status") or {}
+    seen = observations(nodes, load.utilisation, load.notes)
+    state = cluster_state(seen.tiers, seen.links, declared_links(flow))
+    serving, migration, last_move = current_plans(flow, old, live, now)
+    step = rescheduler.step(
+        flow, serving, migration, state=state, cluster=cluster, now=now, last_migration_at=last_move,
+        target_ready=migration is not None and revision_ready(flow, migration.revision, live),
+        due=tick is not None)
+    desired, placement = desired_objects(flow, step, state, cluster)
+    run = Run(live=live, plan_status={}, step=step, placement=placement)
+    try:
+        run.actions, run.live = apply_flow(api, desired, live, body["metadata"].get("uid", ""))
+    except NameConflict as exc:
+        run.conflict = str(exc)
+    revision = step.serving.revision
+    run.names = {s.name: (deployment_name(flow, s.name, revision), service_name(flow, s.name, revision),
+                          endpoint(flow, s.name, revision)) for s in flow.stages}
+    run.links = hop_links(flow, placement, state)
+    run.link_states = tuple(state.link(h["from"], h["to"]) for h in run.links)
+    run.degraded = tuple(rescheduler.degraded_tiers(step, cluster))
+    predicted = placement.plan.latency_ms if placement.plan else None
+    run.plan_status = plan_fields(step, old, seen, predicted, tick, now)
+    return run
+
+
+def observation(flow: Flow | None, body: dict, run: Run, spec_problems, tier_problems) -> Observation:
+    """What status reports: problems, the serving revision's stages, placement, links, degradation."""
+    serving = {n[0] for n in run.names.values()} if run.names is not None else None
+    deployments = {k: v for k, v in run.live.items() if k[0] == "Deployment" and (serving is None or k[1] in serving)}
+    return Observation(
+        generation=int(body["metadata"].get("generation") or 0),
         spec_problems=spec_problems,
         tier_problems=tier_problems,
-        conflict=conflict,
-        stages=stage_states(flow, placement, deployments_by_stage(serving_deployments), names) if flow else (),
-        placement=placement,
-        links=links,
-        degraded=degraded,
-        degraded_message=degraded_message(degraded, step),
-        plan_status=plan_status,
+        conflict=run.conflict,
+        stages=stage_states(flow, run.placement, deployments_by_stage(deployments), run.names) if flow else (),
+        placement=run.placement,
+        links=run.links,
+        degraded=run.degraded,
+        degraded_message=degraded_message(run.degraded, run.step),
+        plan_status=run.plan_status,
     )
+
+
+def write_status(api: KubeApi, body: dict, flow: Flow | None, run: Run, obs: Observation) -> Result:
+    """Writes the status when it changed, and reports what this reconcile did."""
+    meta, old = body["metadata"], body.get("status") or {}
     new = build_status(flow, obs, old, _now())
-    result.phase = new["phase"]
+    result = Result(flow=body, phase=new["phase"], actions=run.actions, step=run.step, links=run.link_states)
     patch = status_patch(new, old)
     if patch is not None:
-        api.patch(AIFLOWS.path(namespace, name, "status"), patch)
+        api.patch(AIFLOWS.path(meta.get("namespace"), meta["name"], "status"), patch)
         result.status_written = True
-    result.events = decisions(result.actions, new, old) + plan_events(flow, step, old)
-    result.deployments = {n: readiness_signature(o) for (k, n), o in live.items() if k == "Deployment"}
+    result.events = decisions(run.actions, new, old) + plan_events(flow, run.step, old)
+    result.deployments = {n: readiness_signature(o) for (k, n), o in run.live.items() if k == "Deployment"}
+    result.services = {n: o["metadata"].get("resourceVersion", "") for (k, n), o in run.live.items() if k == "Service"}
     result.stages, result.ready_stages = len(obs.stages), sum(s.ready for s in obs.stages)
     result.placed = bool(new.get("placement")) and new.get("placement") != old.get("placement")
+    predicted = obs.placement.plan.latency_ms if obs.placement is not None and obs.placement.plan else None
+    result.predicted_latency_s = predicted / 1e3 if predicted is not None else None
     return result
 
 
