@@ -110,7 +110,9 @@ def _probe(path: str, period: int, failures: int) -> dict:
     }
 
 
-def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> dict:
+def _volumes(flow: Flow) -> tuple[list[dict], list[dict]]:
+    """The pod's volumes and the container's mounts of them: writable scratch for Triton and the
+    Python backend (the root filesystem is read-only), and the model repository when it is a claim."""
     repo = flow.triton.model_repository
     mounts = [
         {"name": "tmp", "mountPath": "/tmp"},  # Triton and the Python backend write here
@@ -126,21 +128,59 @@ def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor:
             mount["subPath"] = repo.sub_path
         mounts.append(mount)
         volumes.append({"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": repo.claim_name, "readOnly": True}})
-    container = {
+    return mounts, volumes
+
+
+def triton_args(flow: Flow, stage: Stage) -> list[str]:
+    """The tritonserver command line: the one model of the stage, explicit ports, ready only when it loaded."""
+    return [
+        f"--model-repository={flow.triton.model_repository.path}",
+        "--model-control-mode=explicit",
+        f"--load-model={stage.model}",
+        f"--http-port={HTTP_PORT}",
+        f"--grpc-port={GRPC_PORT}",
+        f"--metrics-port={METRICS_PORT}",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+    ]
+
+
+def _probes() -> dict:
+    # Loading a model (Python backend, torch) can take minutes: the startup probe holds the
+    # liveness probe off until Triton is live.
+    return {
+        "startupProbe": _probe("/v2/health/live", 5, 120),
+        "livenessProbe": _probe("/v2/health/live", 10, 3),
+        "readinessProbe": _probe("/v2/health/ready", 5, 3),
+    }
+
+
+def _container_security() -> dict:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security() -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRITON_UID,
+        "runAsGroup": TRITON_UID,
+        "fsGroup": TRITON_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None, mounts: list[dict]) -> dict:
+    return {
         "name": CONTAINER,
         "image": flow.triton.image,
         "imagePullPolicy": flow.triton.image_pull_policy,
         "command": ["tritonserver"],
-        "args": [
-            f"--model-repository={repo.path}",
-            "--model-control-mode=explicit",
-            f"--load-model={stage.model}",
-            f"--http-port={HTTP_PORT}",
-            f"--grpc-port={GRPC_PORT}",
-            f"--metrics-port={METRICS_PORT}",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
-        ],
+        "args": triton_args(flow, stage),
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
@@ -148,32 +188,28 @@ def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor:
         ],
         "env": stage_env(flow, stage, placed, successor),
         "resources": stage.resources,
-        # Loading a model (Python backend, torch) can take minutes: the startup probe holds the
-        # liveness probe off until Triton is live.
-        "startupProbe": _probe("/v2/health/live", 5, 120),
-        "livenessProbe": _probe("/v2/health/live", 10, 3),
-        "readinessProbe": _probe("/v2/health/ready", 5, 3),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        **_probes(),
+        "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
+
+
+def _scheduling(placed: StagePlacement) -> dict:
+    """Onto the tier's nodes, tolerating the tier's taint."""
     return {
         "nodeSelector": {TIER_LABEL: placed.tier},
         "tolerations": [{"key": TIER_LABEL, "operator": "Equal", "value": placed.tier, "effect": "NoSchedule"}],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRITON_UID,
-            "runAsGroup": TRITON_UID,
-            "fsGroup": TRITON_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+    }
+
+
+def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> dict:
+    mounts, volumes = _volumes(flow)
+    return {
+        **_scheduling(placed),
+        "securityContext": _pod_security(),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "containers": [container],
+        "containers": [_container(flow, stage, placed, successor, mounts)],
         "volumes": volumes,
     }
 
