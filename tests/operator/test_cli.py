@@ -89,7 +89,8 @@ def test_render_prints_exactly_what_the_operator_applies(cluster, capsys, tmp_pa
     assert code == 0
     rendered = list(yaml.safe_load_all(out))
     live = {**{("Deployment", n): o for n, o in cluster.children("captioning").items()},
-            **{("Service", n): o for n, o in cluster.children("captioning", "services").items()}}
+            **{("Service", n): o for n, o in cluster.children("captioning", "services").items()},
+            **{("PodDisruptionBudget", n): o for n, o in cluster.children("captioning", "poddisruptionbudgets").items()}}
     assert sorted(live) == sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
     for obj in rendered:
         current = live[(obj["kind"], obj["metadata"]["name"])]

@@ -43,6 +43,8 @@ class Resource:
 NODES = Resource("v1", "nodes", namespaced=False)
 SERVICES = Resource("v1", "services")
 DEPLOYMENTS = Resource("apps/v1", "deployments")
+DISRUPTION_BUDGETS = Resource("policy/v1", "poddisruptionbudgets")
+PODS = Resource("v1", "pods")
 
 
 class ApiError(Exception):

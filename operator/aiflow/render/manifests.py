@@ -10,9 +10,11 @@ import hashlib
 import json
 
 from aiflow import GROUP, KIND, TIER_LABEL, VERSION
+from aiflow.api.cluster import ClusterView
 from aiflow.api.placement import Placement, StagePlacement
 from aiflow.api.spec import Flow, Stage
 from aiflow.render.names import object_name, stage_labels, stage_selector
+from aiflow.render.rollout import SURGE, rolling_update
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 CONFIG_HASH_ANNOTATION = "aiflow.io/config-hash"
@@ -21,15 +23,28 @@ TIER_ANNOTATION = "aiflow.io/tier"
 TRITON_UID = 1000  # the `triton-server` user of the NVIDIA Triton images
 CONTAINER = "triton"
 MODEL_VOLUME = "model-repository"
+# Triton waits this long for in-flight requests when told to stop; the kubelet's SIGKILL must come
+# later, or draining races the kill.
+EXIT_TIMEOUT_SECONDS = 30
+TERMINATION_GRACE_SECONDS = EXIT_TIMEOUT_SECONDS + 15
+# On a pod without a GPU: no GPU metrics (NVML/DCGM) and no pinned-memory pool (CUDA), whose
+# failed probing Triton otherwise logs as errors at every start.
+CPU_ONLY_ARGS = ("--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0")
 
 
-def render(flow: Flow, placement: Placement) -> list[dict]:
-    """Every object the flow owns, in apply order: per stage its Service, then its Deployment."""
+def render(flow: Flow, placement: Placement, cluster: ClusterView | None = None) -> list[dict]:
+    """Every object the flow owns, in apply order: per stage its Service, its Deployment and, for a
+    stage of more than one replica, its PodDisruptionBudget. `cluster` (the tiers' nodes) decides
+    each Deployment's rollout strategy (`rollout`); without it, make-before-break."""
     objects = []
     for i, stage in enumerate(flow.stages):
         successor = flow.stages[i + 1] if i + 1 < len(flow.stages) else None
         objects.append(render_service(flow, stage))
-        objects.append(render_deployment(flow, stage, placement.of(stage.name), successor))
+        deployment = render_deployment(flow, stage, placement.of(stage.name), successor,
+                                       rolling_update(flow, placement, cluster, stage))
+        objects.append(deployment)
+        if (budget := disruption_budget(deployment)) is not None:
+            objects.append(budget)
     return objects
 
 
@@ -142,7 +157,14 @@ def triton_args(flow: Flow, stage: Stage) -> list[str]:
         f"--metrics-port={METRICS_PORT}",
         "--strict-readiness=true",
         "--exit-on-error=true",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_SECONDS}",
+        *(() if uses_gpu(stage) else CPU_ONLY_ARGS),
     ]
+
+
+def uses_gpu(stage: Stage) -> bool:
+    """Whether the stage's pod asks for a GPU (an extended resource such as nvidia.com/gpu)."""
+    return any("gpu" in name for part in ("limits", "requests") for name in stage.resources.get(part) or {})
 
 
 def _probes() -> dict:
@@ -209,6 +231,7 @@ def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor:
         "securityContext": _pod_security(),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [_container(flow, stage, placed, successor, mounts)],
         "volumes": volumes,
     }
@@ -218,7 +241,10 @@ def config_hash(pod_spec: dict) -> str:
     return hashlib.sha256(json.dumps(pod_spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> dict:
+def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None,
+                      strategy: dict | None = None) -> dict:
+    """The stage's Deployment; `strategy` defaults to make-before-break (a new pod is ready before
+    an old one goes), which needs room for one more pod on the tier (see `rollout`)."""
     pod_spec = render_pod_spec(flow, stage, placed, successor)
     return {
         "apiVersion": "apps/v1",
@@ -228,8 +254,7 @@ def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successo
             "replicas": stage.replicas,
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": stage_selector(flow.name, stage.name)},
-            # Make-before-break: a new pod must be ready before an old one goes.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "strategy": strategy or {"type": "RollingUpdate", "rollingUpdate": dict(SURGE)},
             "template": {
                 "metadata": {
                     "labels": stage_labels(flow.name, stage.name),
@@ -237,5 +262,22 @@ def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successo
                 },
                 "spec": pod_spec,
             },
+        },
+    }
+
+
+def disruption_budget(deployment: dict) -> dict | None:
+    """A PodDisruptionBudget that lets a drain or an eviction take at most one of the Deployment's
+    pods at a time; None for a single replica (a budget would block every drain of its node)."""
+    if int(deployment["spec"].get("replicas", 1)) <= 1:
+        return None
+    meta = deployment["metadata"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "ownerReferences") if k in meta},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": dict(deployment["spec"]["selector"]["matchLabels"])},
         },
     }
