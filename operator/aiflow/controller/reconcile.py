@@ -25,7 +25,7 @@ from aiflow.api.validate import validate_manifest
 from aiflow.controller import rescheduler
 from aiflow.controller.apply import Action, NameConflict, apply_flow, list_owned
 from aiflow.controller.kube import PODS, KubeApi, Resource
-from aiflow.controller.observe import NodeRecord, cluster_view, observations, observe_nodes
+from aiflow.controller.observe import NodeRecord, cluster_view, observations, observe_nodes, with_links
 from aiflow.controller.recovery import annotate, recovered_plans
 from aiflow.controller.rescheduler import DecisionRecord, PlanRecord, Step, parse_stamp, stamp
 from aiflow.controller.revisions import (
@@ -51,10 +51,12 @@ class Event:
 
 @dataclass(frozen=True)
 class Load:
-    """Per-node CPU utilisation (metrics.k8s.io) and notes on what could not be read."""
+    """Per-node CPU utilisation (metrics.k8s.io), the link probes' published measurements, and notes
+    on what could not be read."""
 
     utilisation: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    links: tuple = ()  # aiflow.linkprobe.Published, one per probing node
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,8 @@ def run_plan(api: KubeApi, flow: Flow, body: dict, live: dict, nodes: list[NodeR
     """The rescheduler's step for the flow, its objects applied, and what status reports of them."""
     now = tick.now if tick else time.time()
     old = body.get("status") or {}
-    seen = observations(nodes, load.utilisation, load.notes)
+    measured, link_notes = with_links(nodes, load.links, dt.datetime.fromtimestamp(now, dt.timezone.utc))
+    seen = observations(measured, load.utilisation, load.notes + link_notes)
     state = cluster_state(seen.tiers, seen.links, declared_links(flow))
     serving, migration, last_move = current_plans(flow, old, live, now)
     step = rescheduler.step(
