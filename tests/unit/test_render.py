@@ -233,3 +233,23 @@ def test_the_rollout_surges_only_when_the_tier_has_room_for_one_more_pod():
     # Offline (no allocatable known): make-before-break, as before.
     assert by_kind(rendered(), "Deployment")["captioning-verifier"]["spec"]["strategy"]["rollingUpdate"] == {
         "maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_env_from_a_secret_or_configmap_key_reaches_the_container_as_a_reference():
+    doc = manifest()
+    doc["spec"]["stages"][2]["env"] = [
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "model-store", "key": "secret"}}},
+        {"name": "AWS_REGION", "valueFrom": {"configMapKeyRef": {"name": "store", "key": "region", "optional": True}}},
+        {"name": "EMPTY"},
+    ]
+    from aiflow.api.validate import validate_manifest
+
+    assert validate_manifest(doc) == []
+    dep = by_kind(rendered(doc), "Deployment")["captioning-verifier"]
+    entries = {e["name"]: e for e in container(dep)["env"]}
+    assert entries["AWS_SECRET_ACCESS_KEY"] == {"name": "AWS_SECRET_ACCESS_KEY",
+                                                "valueFrom": {"secretKeyRef": {"name": "model-store", "key": "secret"}}}
+    assert entries["AWS_REGION"]["valueFrom"] == {"configMapKeyRef": {"name": "store", "key": "region", "optional": True}}
+    assert entries["EMPTY"] == {"name": "EMPTY", "value": ""}
+    assert container(dep)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    kubernetes_validate.validate(dep, "1.32", strict=True)

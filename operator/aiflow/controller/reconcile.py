@@ -34,8 +34,9 @@ from aiflow.controller.revisions import (
 from aiflow.controller.stage_metrics import StageTimes
 from aiflow.controller.status import (
     ABNORMAL_TRUE, PLAN_FIELDS, READY, Observation, build_status, changed_conditions, deployments_by_stage,
-    hop_links, readiness_signature, rolled_out, stage_states, status_patch, stuck_reason,
+    hop_links, load_failure, readiness_signature, rolled_out, stage_states, status_patch, stuck_reason,
 )
+from aiflow.render.manifests import MODEL_ANNOTATION
 from aiflow.planner.cluster import cluster_state, declared_links
 from aiflow.render.names import STAGE_LABEL, flow_selector, selector_string
 
@@ -103,22 +104,33 @@ def revision_ready(flow: Flow, revision: int, live: dict[tuple[str, str], dict])
     return True
 
 
-def stuck_rollouts(api: KubeApi, namespace: str, name: str, live: dict[tuple[str, str], dict]) -> tuple:
-    """(stage, Deployment, (reason, message)) of every Deployment of the flow whose rollout cannot
-    finish. The flow's Pods are listed only when some Deployment has not rolled out."""
+def rollout_findings(api: KubeApi, namespace: str, name: str, live: dict[tuple[str, str], dict]) -> tuple[tuple, tuple]:
+    """What the pods of the flow's unfinished rollouts say: (stage, Deployment, (reason, message)) of
+    every rollout that cannot finish, and (stage, model, pod, Triton's message) of every stage whose
+    Triton exited because its model failed to load. The flow's Pods are listed only when some
+    Deployment has not rolled out."""
     pending = sorted((n, d) for (k, n), d in live.items() if k == "Deployment" and not rolled_out(d))
     if not pending:
-        return ()
+        return (), ()
     pods = api.list(PODS.path(namespace), selector_string(flow_selector(name)))
-    out = []
+    stuck, failures = [], []
     for dep_name, dep in pending:
+        meta = dep.get("metadata") or {}
+        stage = (meta.get("labels") or {}).get(STAGE_LABEL, dep_name)
         selector = ((dep.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-        mine = [p for p in pods if selector and all(
-            ((p.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in selector.items())]
+        mine = sorted((p for p in pods if selector and all(
+            ((p.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in selector.items())),
+            key=lambda p: p["metadata"].get("name", ""))
         why = stuck_reason(dep, mine)
         if why is not None:
-            out.append((((dep.get("metadata") or {}).get("labels") or {}).get(STAGE_LABEL, dep_name), dep_name, why))
-    return tuple(out)
+            stuck.append((stage, dep_name, why))
+        for pod in mine:
+            message = load_failure(pod)
+            if message is not None:
+                model = (meta.get("annotations") or {}).get(MODEL_ANNOTATION, "?")
+                failures.append((stage, model, pod["metadata"].get("name", ""), message))
+                break
+    return tuple(stuck), tuple(failures)
 
 
 def reconcile(api: KubeApi, namespace: str, name: str, catalog: dict[str, ModelInfo] | None = None,
@@ -143,8 +155,8 @@ def reconcile(api: KubeApi, namespace: str, name: str, catalog: dict[str, ModelI
         run = run_plan(api, flow, body, run.live, nodes, load or Load(), cluster, tick)
     elif flow is not None:
         run.degraded = tuple(rescheduler.lost_tiers(PlanRecord.from_status(old.get("plan"), flow), cluster))
-    stuck = stuck_rollouts(api, namespace, name, run.live) if flow is not None else ()
-    obs = observation(flow, body, run, spec_problems, tier_problems, stuck)
+    findings = rollout_findings(api, namespace, name, run.live) if flow is not None else ((), ())
+    obs = observation(flow, body, run, spec_problems, tier_problems, findings)
     return write_status(api, body, flow, run, obs)
 
 
@@ -221,9 +233,10 @@ def run_plan(api: KubeApi, flow: Flow, body: dict, live: dict, nodes: list[NodeR
     return run
 
 
-def observation(flow: Flow | None, body: dict, run: Run, spec_problems, tier_problems, stuck: tuple = ()) -> Observation:
+def observation(flow: Flow | None, body: dict, run: Run, spec_problems, tier_problems,
+                findings: tuple = ((), ())) -> Observation:
     """What status reports: problems, the serving revision's stages, placement, links, degradation,
-    and the rollouts that are stuck (`stuck_rollouts`)."""
+    and what the pods of unfinished rollouts say (`rollout_findings`)."""
     serving = {n[0] for n in run.names.values()} if run.names is not None else None
     deployments = {k: v for k, v in run.live.items() if k[0] == "Deployment" and (serving is None or k[1] in serving)}
     return Observation(
@@ -237,7 +250,8 @@ def observation(flow: Flow | None, body: dict, run: Run, spec_problems, tier_pro
         degraded=run.degraded,
         degraded_message=degraded_message(run.degraded, run.step),
         plan_status=run.plan_status,
-        stuck=stuck,
+        stuck=findings[0],
+        load_failures=findings[1],
     )
 
 

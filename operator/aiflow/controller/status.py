@@ -6,17 +6,18 @@ Conditions follow the Kubernetes API conventions: `type`, `status`, `reason` (Ca
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from aiflow.api.placement import Placement
 from aiflow.api.problems import Problem
 from aiflow.api.spec import Flow
-from aiflow.render.manifests import MODEL_ANNOTATION, TIER_ANNOTATION, service_endpoint
+from aiflow.render.manifests import CONTAINER, MODEL_ANNOTATION, TIER_ANNOTATION, service_endpoint
 from aiflow.render.names import STAGE_LABEL, object_name
 from aiflow.render.rollout import max_unavailable
 
 READY, SPEC_VALID, TIERS_SCHEDULABLE, DEGRADED = "Ready", "SpecValid", "TiersSchedulable", "Degraded"
-ROLLOUT_STUCK = "RolloutStuck"
+ROLLOUT_STUCK, MODELS_LOADED = "RolloutStuck", "ModelsLoaded"
 # Conditions whose True is the bad news (Kubernetes conventions allow both polarities).
 ABNORMAL_TRUE = (DEGRADED, ROLLOUT_STUCK)
 # Status fields the rescheduler owns, kept as they are while the spec is invalid.
@@ -83,6 +84,7 @@ class Observation:
     degraded_message: str = ""
     plan_status: dict = field(default_factory=dict)  # the rescheduler's fields (PLAN_FIELDS)
     stuck: tuple[tuple[str, str, tuple[str, str]], ...] = ()  # (stage, Deployment, (reason, message)) per stuck rollout
+    load_failures: tuple[tuple[str, str, str, str], ...] = ()  # (stage, model, pod, Triton's message)
 
 
 def readiness_signature(deployment: dict) -> tuple:
@@ -203,7 +205,48 @@ def conditions(obs: Observation) -> list[Condition]:
                              f"{', '.join(obs.degraded)} has no Ready node")
     else:
         degraded = Condition(DEGRADED, False, "AllTiersAvailable", "every tier the flow runs on has Ready nodes")
-    return [ready, valid, tiers, degraded, rollout_condition(obs)]
+    return [ready, valid, tiers, degraded, rollout_condition(obs), models_condition(obs)]
+
+
+def models_condition(obs: Observation) -> Condition:
+    if obs.spec_problems:
+        return Condition(MODELS_LOADED, None, "InvalidSpec", "the stages wait for a valid spec")
+    if not obs.load_failures:
+        return Condition(MODELS_LOADED, True, "NoLoadFailure", "no stage's Triton reports a model that failed to load")
+    return Condition(MODELS_LOADED, False, "ModelLoadFailed", "; ".join(
+        f"stage {stage}: model {model} did not load (pod {pod}): {message}"
+        for stage, model, pod, message in obs.load_failures))
+
+
+_TRITON_ERROR = re.compile(r'^E\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] "?(?P<text>.*?)"?$')
+# Errors Triton logs on every start of a CPU-only pod; they say nothing about the model.
+_NOISE = ("CudaDriverHelper has not been initialized",)
+
+
+def triton_errors(log_tail: str) -> str:
+    """What went wrong, from the tail of a Triton log: its `E...` lines and its final `error:` line
+    (the first line of each; tracebacks and the option tables left out); else the last line."""
+    picked: list[str] = []
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    for line in lines:
+        match = _TRITON_ERROR.match(line)
+        text = match.group("text") if match else line[len("error: "):] if line.startswith("error: ") else None
+        if text and not any(n in text for n in _NOISE) and text not in picked:
+            picked.append(text)
+    return "; ".join(picked) or (lines[-1] if lines else "no log")
+
+
+def load_failure(pod: dict, container: str = CONTAINER) -> str | None:
+    """Triton's message when the stage container of `pod` exited with an error (its termination
+    message: the kubelet keeps the log's tail there, `terminationMessagePolicy: FallbackToLogsOnError`)."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or ():
+        if status.get("name") != container:
+            continue
+        for state in ("state", "lastState"):
+            ended = (status.get(state) or {}).get("terminated") or {}
+            if ended and int(ended.get("exitCode") or 0) != 0:
+                return triton_errors(ended.get("message") or ended.get("reason") or "")
+    return None
 
 
 def rollout_condition(obs: Observation) -> Condition:

@@ -12,7 +12,7 @@ import json
 from aiflow import GROUP, KIND, TIER_LABEL, VERSION
 from aiflow.api.cluster import ClusterView
 from aiflow.api.placement import Placement, StagePlacement
-from aiflow.api.spec import Flow, Stage
+from aiflow.api.spec import Flow, Stage, ValueFrom
 from aiflow.render.names import object_name, stage_labels, stage_selector
 from aiflow.render.rollout import SURGE, rolling_update
 
@@ -113,7 +113,8 @@ def stage_env(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage
     # The root filesystem is read-only: caches of Python libraries go to the writable /tmp.
     env["HOME"] = "/tmp"
     env.update(dict(stage.env))
-    return [{"name": k, "value": v} for k, v in env.items()]
+    return [{"name": k, "valueFrom": v.as_dict()} if isinstance(v, ValueFrom) else {"name": k, "value": v}
+            for k, v in env.items()]
 
 
 def _probe(path: str, period: int, failures: int) -> dict:
@@ -210,6 +211,9 @@ def _container(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stag
         ],
         "env": stage_env(flow, stage, placed, successor),
         "resources": stage.resources,
+        # When Triton exits (a model that fails to load), the tail of its log becomes the container's
+        # termination message, which the operator reports in the flow's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         **_probes(),
         "securityContext": _container_security(),
         "volumeMounts": mounts,
