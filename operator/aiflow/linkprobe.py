@@ -9,8 +9,9 @@ peers through a headless Service, and every interval measures each peer of anoth
 
 Uploads are sized to the link: the first is small (`FIRST_PAYLOAD`), and each next one grows (at most
 `MAX_GROWTH` times) until one takes at least `MIN_TRANSFER_SECONDS`, long enough that the RTT's jitter
-and the timer do not matter; the bandwidth is that last transfer's. So a 0.1 Mbit/s uplink is measured
-with a few KiB and a 1 Gbit/s one with tens of MiB.
+and the timer do not matter; one more of that size follows when the budget allows, and the bandwidth
+is the faster of the two (interference only ever slows an upload). So a 0.1 Mbit/s uplink is measured
+with a few KiB and a 1 Gbit/s one with about a hundred MiB.
 
 The budget: every round, each peer's uploads together occupy the link for at most `budget` (default
 2 %) of the interval, i.e. at most budget x bandwidth x interval bytes (1.2 s of link time, 15 KB at
@@ -277,6 +278,12 @@ async def measure_bandwidth(reader, writer, rtt_s: float, budget: Budget) -> tup
         transfer = max(elapsed - rtt_s, 1e-6)
         bps = size * 8 / transfer
         if transfer >= MIN_TRANSFER_SECONDS:
+            # Once more at this size when the budget allows: cross traffic or a busy CPU only ever
+            # slows an upload down, so the faster of the two is the nearer to the link's rate.
+            if spent + elapsed <= budget.seconds and sent + size <= budget.max_bytes:
+                again = await _upload(reader, writer, size, timeout, payload)
+                sent += size
+                bps = max(bps, size * 8 / max(again - rtt_s, 1e-6))
             return bps, sent, ""
         grow = min(MAX_GROWTH, max(2.0, 1.5 * MIN_TRANSFER_SECONDS / transfer))
         following = int(size * grow)

@@ -16,6 +16,7 @@ from aiflow import linkprobe
 from aiflow.linkprobe import Budget, Link, LinkSample
 from aiflow.local.links import Link as EmulatedLink
 from aiflow.local.links import LinkConfig, LinkProxy
+from tests.unit.linkprobe_peers import peer_behind_link
 
 
 async def run_probe(*args: str, kubeconfig=None) -> tuple[int, str, str]:
@@ -123,17 +124,24 @@ RATES_MBIT = (0.1, 1, 10, 100, 1000)
 
 @pytest.mark.parametrize("latency", ["5ms", "40ms"])
 @pytest.mark.parametrize("mbit", RATES_MBIT)
-async def test_the_probe_measures_shaped_links_within_15_percent_and_within_its_budget(edge_peer, mbit, latency):
-    host, port = edge_peer
-    link = EmulatedLink("device->edge", LinkConfig.symmetric(f"{mbit}mbit", latency))
+async def test_the_probe_measures_shaped_links_within_15_percent_and_within_its_budget(mbit, latency):
     budget = Budget.of(60.0)  # the chart's default interval and 2 % share
-    with LinkProxy(link, (host, port)) as proxy:
-        sample = await linkprobe.measure_peer(proxy.host, proxy.port, budget=budget)
+    # The peer and the link each in a process of their own, as on separate machines.
+    with peer_behind_link(f"{mbit}mbit", latency) as port:
+        sample = await linkprobe.measure_peer("127.0.0.1", port, budget=budget)
     assert sample.bandwidth_bps == pytest.approx(mbit * 1e6, rel=0.15)
     # Bounded bytes per round: at most the budget's share of what the link carries in one interval.
     assert sample.bytes_sent * 8 <= budget.seconds * mbit * 1e6
-    # The probe's own count is what crossed the link (plus its few protocol lines).
+
+
+async def test_the_probe_counts_the_bytes_it_sends(edge_peer):
+    host, port = edge_peer
+    link = EmulatedLink("device->edge", LinkConfig.symmetric("10mbit", "5ms"))
+    with LinkProxy(link, (host, port)) as proxy:
+        sample = await linkprobe.measure_peer(proxy.host, proxy.port)
+    # What the budget is checked on is what crossed the link (plus the probe's few protocol lines).
     assert sample.bytes_sent <= link.stats().bytes_up <= sample.bytes_sent + 1024
+    assert sample.bytes_sent > 4096  # it grew past the first upload on a 10 Mbit/s link
 
 
 async def test_the_command_measures_once_and_prints_the_data(edge_peer):
