@@ -30,9 +30,6 @@ ALLOWANCES = {
         "admission runs (e.g. OpenShift); the emulated server does not enforce it",
     ("metrics.k8s.io", "nodes", "get"): "node usage for placement, read only when metrics-server is installed",
     ("metrics.k8s.io", "nodes", "list"): "node usage for placement, read only when metrics-server is installed",
-    ("policy", "poddisruptionbudgets", "get"):
-        "read when creating a stage's budget finds one of that name already there (a name conflict); "
-        "the run squats a Deployment and a Service, whose reads show the same path",
 }
 
 

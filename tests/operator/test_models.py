@@ -79,7 +79,7 @@ def test_a_model_of_its_own_repository_that_fails_to_load_is_reported_with_trito
         {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "team-models", "key": "secret"}}}]},
         triton={"modelRepository": PVC_REPO}))
     cluster.wait(lambda: cluster.children("byo"), message="the stage deployed, not refused")
-    assert cluster.condition("byo", "SpecValid")["status"] == "True"
+    cluster.wait_condition("byo", "SpecValid", "True")  # written after the objects, in the same reconcile
     (deployment,) = cluster.children("byo").values()
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert {"name": "AWS_SECRET_ACCESS_KEY",
