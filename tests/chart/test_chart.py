@@ -92,7 +92,7 @@ BAD_VALUES = {
     "existing service account without a name": {"serviceAccount": {"create": False}},
     "verbose not a boolean": {"verbose": "yes"},
     "probe interval too short": {"linkProbe": {"intervalSeconds": 1}},
-    "probe payload too small": {"linkProbe": {"payloadBytes": 10}},
+    "probe budget too large": {"linkProbe": {"budgetPercent": 50}},
 }
 
 
@@ -230,8 +230,12 @@ def test_link_probe_runs_on_tier_nodes_and_finds_its_peers(rendered_sets):
     args = containers(daemonset)[0]["args"]
     assert f"--peers={service['metadata']['name']}.{NAMESPACE}.svc" in args
     sa = daemonset["spec"]["template"]["spec"]["serviceAccountName"]
-    grants = [rule for _, rule in rbac_rules(rendered, sa)]
-    assert grants == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    grants = sorted((scope or "", rule["resources"][0], tuple(rule["verbs"])) for scope, rule in rbac_rules(rendered, sa))
+    # No power over Nodes: it reads them, and writes only ConfigMaps of its own namespace.
+    assert grants == [("", "nodes", ("get",)), (NAMESPACE, "configmaps", ("create", "patch"))]
+    env = {e["name"]: e for e in containers(daemonset)[0]["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert "--budget-percent=2" in args
 
 
 def test_notes_tell_the_next_commands(rendered_sets):
@@ -266,7 +270,11 @@ def test_operator_container_runs_what_the_aiflow_cli_accepts(rendered_sets, name
     assert parsed.liveness == f"http://0.0.0.0:{ports[health['port']]}{health['path']}"
     env = {e["name"]: e.get("value") for e in container["env"]}
     peering = values.get("peering", {}).get("enabled", False)
-    assert set(env) == {metrics.METRICS_PORT_ENV} | ({"POD_ID"} if peering else set())
+    probe = values.get("linkProbe", {}).get("enabled", False)
+    assert set(env) == ({metrics.METRICS_PORT_ENV} | ({"POD_ID"} if peering else set())
+                        | ({"AIFLOW_LINK_NAMESPACE"} if probe else set()))
+    if probe:  # the operator reads the probes' ConfigMaps where the chart runs them
+        assert env["AIFLOW_LINK_NAMESPACE"] == NAMESPACE
     expected = "0" if values.get("metrics", {}).get("enabled") is False else str(ports["metrics"])
     assert env[metrics.METRICS_PORT_ENV] == expected
 

@@ -69,6 +69,8 @@ def squat(apiserver, kind: str, name: str) -> None:
 MODES = {
     "cluster-wide": ({}, {"clusterwide": True}),
     "namespaced": ({"watchNamespaces": ["default"]}, {"namespaces": ("default",)}),
+    # With the link probe, the operator also reads the probes' ConfigMaps in the release namespace.
+    "cluster-wide with the link probe": ({"linkProbe": {"enabled": True}}, {"clusterwide": True}),
 }
 
 
@@ -92,10 +94,12 @@ def refused(records) -> list:
 
 
 @pytest.fixture(params=sorted(MODES))
-def recorded_run(request, chart, apiserver, run_kopf_operator, garbage_collector):
+def recorded_run(request, chart, apiserver, run_kopf_operator, garbage_collector, monkeypatch):
     """The chart values of a mode, and the operator's requests over the life of the captioning flow
     when it runs as the chart runs it in that mode, with the chart's RBAC enforced."""
     values, scope = MODES[request.param]
+    if values.get("linkProbe", {}).get("enabled"):
+        monkeypatch.setenv("AIFLOW_LINK_NAMESPACE", NAMESPACE)  # as the chart's Deployment sets it
     apiserver.kubectl("apply", "--validate=false", "-f", "crds/")
     for tier in TIERS:
         apiserver.seed_node(f"{tier}-1", tier, allocatable={"cpu": "8", "memory": "32Gi"})
@@ -116,6 +120,12 @@ def recorded_run(request, chart, apiserver, run_kopf_operator, garbage_collector
     head_service = apiserver.list("services", "default", label_selector="aiflow.io/stage=head")[0]
     apiserver.kubectl("patch", "service", head_service["metadata"]["name"], "--type=merge", "-p",
                       '{"spec":{"selector":{"aiflow.io/stage":"tampered"}}}')
+    # And the verifier's disruption budget: a node joining the tier re-checks the flow and repairs it.
+    budget = object_name(FLOW, "verifier")
+    apiserver.kubectl("patch", "pdb", budget, "--type=merge", "-p", '{"spec":{"maxUnavailable":2}}')
+    apiserver.seed_node("cloud-2", "cloud", allocatable={"cpu": "8", "memory": "32Gi"})
+    apiserver.wait_for(lambda: apiserver.get("poddisruptionbudgets", budget, "default")["spec"]["maxUnavailable"] == 1,
+                       timeout=60, message="the hand-edited budget to be repaired")
     # A spec change that replaces two stages by one: patches, creates and deletes children.
     flow = apiserver.get("aiflows", FLOW, "default")
     head = flow["spec"]["stages"][0]
@@ -146,7 +156,9 @@ def test_chart_rbac_grants_what_the_operator_uses_and_nothing_more(chart, record
     values, needed = recorded_run
     rendered = render(chart, values)
     args = containers(rendered.one("Deployment"))[0]["args"]
-    assert ("--all-namespaces" in args) == (not values), "the run must use the chart's mode"
+    assert ("--all-namespaces" in args) == ("watchNamespaces" not in values), "the run must use the chart's mode"
+    env = {e["name"]: e.get("value") for e in containers(rendered.one("Deployment"))[0]["env"]}
+    assert env.get("AIFLOW_LINK_NAMESPACE") == (NAMESPACE if "linkProbe" in values else None)
     grants = granted_permissions(rendered)
     assert needed, "the recorded run made no requests"
     missing = {n for n in needed if not any(covers(g, n) for g in grants)}

@@ -82,14 +82,16 @@ def test_operator_command_parses_its_options(capsys):
 
 def test_render_prints_exactly_what_the_operator_applies(cluster, capsys, tmp_path):
     cluster.apply(CAPTIONING)
-    cluster.wait(lambda: len(cluster.children("captioning")) == 3, message="3 deployments")
+    cluster.wait(lambda: len(cluster.children("captioning")) == 3 and cluster.children("captioning", "poddisruptionbudgets"),
+                 message="3 deployments and the verifier's disruption budget")
     stored = tmp_path / "stored.yaml"
     stored.write_text(cluster.api.kubectl("get", "af", "captioning", "-n", NS, "-o", "yaml").stdout)
     code, out, _ = run(capsys, "render", "-f", str(stored))
     assert code == 0
     rendered = list(yaml.safe_load_all(out))
     live = {**{("Deployment", n): o for n, o in cluster.children("captioning").items()},
-            **{("Service", n): o for n, o in cluster.children("captioning", "services").items()}}
+            **{("Service", n): o for n, o in cluster.children("captioning", "services").items()},
+            **{("PodDisruptionBudget", n): o for n, o in cluster.children("captioning", "poddisruptionbudgets").items()}}
     assert sorted(live) == sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
     for obj in rendered:
         current = live[(obj["kind"], obj["metadata"]["name"])]

@@ -172,7 +172,8 @@ def test_a_tier_without_nodes_waits_without_creating_anything_then_heals(bare_cl
 
     cluster.api.seed_node("edge-1", "edge")  # a node joins the edge tier
     cluster.wait(lambda: len(cluster.children("captioning")) == 3, message="the flow deployed once edge has a node")
-    assert cluster.condition("captioning", "TiersSchedulable")["status"] == "True"
+    # The status follows the objects in the same reconcile (after the disruption budget and a look at the pods).
+    cluster.wait_condition("captioning", "TiersSchedulable", "True")
     assert cluster.children("captioning")["captioning-drafter"]["spec"]["template"]["spec"]["nodeSelector"] == {
         "aiflow.io/tier": "edge"}
 

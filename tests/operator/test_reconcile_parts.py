@@ -7,7 +7,8 @@ from aiflow.api.spec import parse_flow
 from aiflow.controller.apply import Action, differences, extract, managed, unchanged
 from aiflow.controller.reconcile import decisions
 from aiflow.controller.status import (
-    Observation, StageState, build_status, changed_conditions, deployment_ready_replicas, status_patch,
+    Observation, StageState, build_status, changed_conditions, deployment_ready_replicas, rolled_out, status_patch,
+    stuck_reason,
 )
 
 # As a live object reads after the operator applied DESIRED: the server normalised the quantities,
@@ -141,9 +142,33 @@ def test_events_for_decisions_and_changed_conditions_only():
     assert [c["type"] for c in changed_conditions(lost, ready)] == ["Ready"]
 
 
-def test_ready_replicas_count_only_for_the_current_generation():
-    dep = {"metadata": {"generation": 2}, "status": {"observedGeneration": 1, "readyReplicas": 1}}
-    assert deployment_ready_replicas(dep) == 0
-    dep["status"]["observedGeneration"] = 2
-    assert deployment_ready_replicas(dep) == 1
+def test_ready_replicas_count_the_old_pods_too_and_a_rollout_finishes_only_on_the_new_spec():
+    # A template update: the controller has not seen generation 2 yet, the old pods still serve.
+    dep = {"metadata": {"generation": 2}, "spec": {"replicas": 2},
+           "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2}}
+    assert deployment_ready_replicas(dep) == 2 and not rolled_out(dep)
+    dep["status"].update(observedGeneration=2, replicas=3, updatedReplicas=1)  # surging: one new pod, two old
+    assert deployment_ready_replicas(dep) == 2 and not rolled_out(dep)
+    dep["status"].update(replicas=2, updatedReplicas=2)
+    assert rolled_out(dep)
     assert deployment_ready_replicas({"metadata": {}, "status": {"readyReplicas": 2}}) == 2
+
+
+def test_a_stage_is_ready_at_the_availability_its_strategy_allows():
+    one_at_a_time = StageState("v", "m", "cloud", "", 2, 1, True, max_unavailable=1)
+    assert one_at_a_time.ready
+    assert not StageState("v", "m", "cloud", "", 2, 1, True, max_unavailable=0).ready
+    assert not StageState("v", "m", "cloud", "", 1, 0, True, max_unavailable=1).ready  # never below one
+
+
+def test_a_stuck_rollout_carries_the_schedulers_message():
+    pending = {"metadata": {"name": "f-v-abc"}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/3 nodes are available: 1 Insufficient cpu."}]}}
+    assert stuck_reason({}, [pending]) == (
+        "PodsUnschedulable", "pod f-v-abc cannot be scheduled (Unschedulable): 0/3 nodes are available: 1 Insufficient cpu.")
+    late = {"status": {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                       "message": 'ReplicaSet "f-v-1" has timed out progressing.'}]}}
+    assert stuck_reason(late, []) == ("ProgressDeadlineExceeded", 'ReplicaSet "f-v-1" has timed out progressing.')
+    assert stuck_reason({}, [{"metadata": {"name": "ok"}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "True"}]}}]) is None

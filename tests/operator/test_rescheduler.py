@@ -1,24 +1,39 @@
 """The rescheduler end to end: the real kopf operator re-planning flows on the emulated API server
 as link measurements, node load and tiers change, and moving them make-before-break.
 
-What plays the rest of a cluster here, and says so: the link probe is played by patching its node
-annotations; metrics-server by `serve_node_metrics`/`set_node_metrics`; the Deployment controller and
+What plays the rest of a cluster here, and says so: the link probe is played by writing its
+measurement ConfigMap (`publish_links`); metrics-server by `serve_node_metrics`/`set_node_metrics`; the Deployment controller and
 kubelets by the stand-in that marks Deployments ready (gated where a test needs a new revision to
 stay unready for a while). The rescheduler ticks every 5 s; waits are bounded, never timed.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import pytest
 
 from aiflow.controller.revisions import REVISION_LABEL
+from aiflow.linkprobe import MEASUREMENT_LABELS, Link, measurement_data, measurement_name
 from tests.operator.conftest import NS, Cluster, aiflow
 
 FLOW = "moving"
-GOOD_UPLINK = {"aiflow.io/link.edge.bandwidth-mbps": "20", "aiflow.io/link.edge.rtt-ms": "10"}
-THIN_UPLINK = {"aiflow.io/link.edge.bandwidth-mbps": "0.5", "aiflow.io/link.edge.rtt-ms": "50"}
+GOOD_UPLINK = {"edge": Link(rtt_ms=10, bandwidth_mbps=20)}
+THIN_UPLINK = {"edge": Link(rtt_ms=50, bandwidth_mbps=0.5)}
+PROBES = "aiflow-system"  # where the link probes publish (the chart's release namespace)
+
+
+def publish_links(apiserver, node: str, tier: str, links: dict, age_s: float = 0.0, raw: dict | None = None) -> None:
+    """Write what the link probe of `node` publishes: its ConfigMap, measured `age_s` seconds ago."""
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age_s)
+    data = {**measurement_data(node, tier, links, at, 180), **(raw or {})}
+    name = measurement_name(node)
+    if apiserver.get("configmaps", name, PROBES) is None:
+        apiserver.create({"apiVersion": "v1", "kind": "ConfigMap", "data": data,
+                          "metadata": {"name": name, "namespace": PROBES, "labels": MEASUREMENT_LABELS}})
+    else:
+        apiserver.patch("configmaps", name, {"data": data}, PROBES)
 WAIT = 90  # generous bound for several rescheduler turns on a loaded machine
 
 
@@ -31,11 +46,13 @@ def auto_flow(cooldown: int, min_improvement: int = 10, **spec) -> dict:
 
 
 @pytest.fixture
-def tiers(apiserver, run_kopf_operator) -> Cluster:
-    """A slow device (x8) with a link probe's annotations, an edge (x1), a fast cloud (x0.5)."""
+def tiers(apiserver, run_kopf_operator, monkeypatch) -> Cluster:
+    """A slow device (x8) whose link probe measured a good uplink, an edge (x1), a fast cloud (x0.5)."""
     apiserver.kubectl("apply", "--validate=false", "-f", "crds/")
+    apiserver.create_namespace(PROBES)
+    monkeypatch.setenv("AIFLOW_LINK_NAMESPACE", PROBES)  # as the chart sets it with linkProbe.enabled
     apiserver.seed_node("device-1", "device", labels={"aiflow.io/compute-factor": "8"})
-    apiserver.patch_node("device-1", {"metadata": {"annotations": GOOD_UPLINK}})
+    publish_links(apiserver, "device-1", "device", GOOD_UPLINK)
     apiserver.seed_node("edge-1", "edge")
     apiserver.seed_node("cloud-1", "cloud", labels={"aiflow.io/compute-factor": "0.5"})
     run_kopf_operator("aiflow.controller.handlers")
@@ -90,7 +107,7 @@ def test_a_thinner_uplink_moves_the_flow_once_make_before_break(tiers):
     old = set(cluster.children(FLOW))
     assert old == {f"{FLOW}-head", f"{FLOW}-drafter", f"{FLOW}-verifier"}
 
-    cluster.api.patch_node("device-1", {"metadata": {"annotations": THIN_UPLINK}})  # the probe measures 0.5 Mbit/s
+    publish_links(cluster.api, "device-1", "device", THIN_UPLINK)  # the probe measures 0.5 Mbit/s
     moving = cluster.wait(lambda: status(cluster).get("migration"), message="a move to start", timeout=WAIT)
     assert moving["revision"] == 2 and moving["placement"]["head"] == "device"
     new = {f"{FLOW}-head-r2", f"{FLOW}-drafter-r2", f"{FLOW}-verifier-r2"}
@@ -159,7 +176,7 @@ def test_an_oscillating_tier_load_moves_the_flow_at_most_once_per_cooldown(tiers
 def test_a_tier_losing_every_node_fails_over_and_comes_back(tiers):
     cluster = tiers
     cluster.api.start_deployment_controller()
-    cluster.api.patch_node("device-1", {"metadata": {"annotations": THIN_UPLINK}})
+    publish_links(cluster.api, "device-1", "device", THIN_UPLINK)
     cluster.api.create(auto_flow(cooldown=0, min_improvement=5))
     cluster.wait_condition(FLOW, "Ready", "True")
     assert plan(cluster)["placement"] == {"head": "device", "drafter": "edge", "verifier": "edge"}
@@ -189,9 +206,10 @@ def test_garbage_measurements_are_survived_and_reported(tiers):
     cluster = tiers
     cluster.api.serve_node_metrics()
     cluster.api.handler["get /apis/metrics.k8s.io/v1beta1/nodes"] << 500  # noqa: B015  (kmock's DSL)
-    cluster.api.patch_node("device-1", {"metadata": {"annotations": {
-        "aiflow.io/link.edge.bandwidth-mbps": "NaN", "aiflow.io/link.edge.rtt-ms": "-3",
-        "aiflow.io/link.cloud.bandwidth-mbps": "fast", "aiflow.io/link.cloud.rtt-ms": "7"}}})
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    publish_links(cluster.api, "device-1", "device", {}, raw={
+        "edge.bandwidth-mbps": "NaN", "edge.rtt-ms": "-3", "edge.measured-at": stamp,
+        "cloud.bandwidth-mbps": "fast", "cloud.rtt-ms": "7", "cloud.measured-at": stamp})
     cluster.api.patch_node("edge-1", {"metadata": {"labels": {"aiflow.io/compute-factor": "-2"}}})
     cluster.api.start_deployment_controller()
     cluster.api.create(auto_flow(cooldown=3600, links=[{"from": "device", "to": "edge", "bandwidthMbps": 20, "rttMs": 10}]))
@@ -213,7 +231,7 @@ def test_a_lost_status_is_recovered_from_the_objects_without_touching_the_servin
     cluster.api.start_deployment_controller()
     cluster.api.create(auto_flow(cooldown=3600))
     cluster.wait_condition(FLOW, "Ready", "True")
-    cluster.api.patch_node("device-1", {"metadata": {"annotations": THIN_UPLINK}})
+    publish_links(cluster.api, "device-1", "device", THIN_UPLINK)
     serving = {f"{FLOW}-head-r2", f"{FLOW}-drafter-r2", f"{FLOW}-verifier-r2"}
     cluster.wait(lambda: plan(cluster).get("revision") == 2 and set(cluster.children(FLOW)) == serving,
                  message="the flow moved to revision 2", timeout=WAIT)
@@ -231,3 +249,18 @@ def test_a_lost_status_is_recovered_from_the_objects_without_touching_the_servin
     children = [(r.verb, r.resource, r.name) for r in cluster.operator_writes(mark) if r.resource in ("deployments", "services")]
     assert children == []
     assert cluster.condition(FLOW, "Ready")["status"] == "True"
+
+
+def test_a_stale_link_measurement_falls_back_to_the_declared_link_and_says_so(tiers):
+    cluster = tiers
+    cluster.api.start_deployment_controller()
+    cluster.api.create(auto_flow(cooldown=3600, links=[{"from": "device", "to": "edge", "bandwidthMbps": 20, "rttMs": 10}]))
+    cluster.wait_condition(FLOW, "Ready", "True")
+    hop = lambda: next(h for h in status(cluster)["links"] if h["from"] == "device" and h["to"] == "edge")
+    cluster.wait(lambda: hop()["source"] == "Measured", message="the fresh measurement in use", timeout=WAIT)
+    # The probe's last round towards the edge was 10 minutes ago (it has failed since): it expired.
+    publish_links(cluster.api, "device-1", "device", THIN_UPLINK, age_s=600)
+    cluster.wait(lambda: hop()["source"] == "Declared", message="the declared link instead", timeout=WAIT)
+    assert hop()["bandwidthMbps"] == 20.0
+    notes = " | ".join(status(cluster)["observations"]["notes"])
+    assert "node device-1: link measurement towards edge is stale" in notes and "valid for 180 s" in notes

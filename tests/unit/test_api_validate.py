@@ -170,3 +170,16 @@ def test_the_examples_have_no_unknown_fields():
         for doc in yaml.safe_load_all(path.read_text()):
             if isinstance(doc, dict) and doc.get("kind") == "AIFlow":
                 assert [p for p in validate_manifest(doc) if "unknown field" in p.message] == [], path
+
+
+@pytest.mark.parametrize("repository", [
+    {"persistentVolumeClaim": {"claimName": "team-models"}, "path": "/models"},
+    {"path": "s3://team-bucket/models"},
+])
+def test_a_flow_with_its_own_repository_is_not_checked_against_the_bundled_models(repository):
+    doc = {"apiVersion": "aiflow.io/v1alpha1", "kind": "AIFlow", "metadata": {"name": "byo"},
+           "spec": {"stages": [{"name": "only", "model": "my_captioner"}],
+                    "triton": {"modelRepository": repository}}}
+    assert validate_manifest(doc) == []
+    bundled = {**doc, "spec": {"stages": doc["spec"]["stages"]}}
+    assert [p.message.split(";")[0] for p in validate_manifest(bundled)] == ["unknown model 'my_captioner'"]

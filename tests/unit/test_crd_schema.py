@@ -146,6 +146,10 @@ CEL_CASES = {
     "self.all(e, !e.name.startsWith('AIFLOW_'))": (("spec", "stages", 0, "env", 0, "name"), "AIFLOW_CODEC", "spec.stages[0].env"),
     "self.all(e, self.exists_one(f, f.name == e.name))": (
         ("spec", "stages", 0, "env"), [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}], "spec.stages[0].env"),
+    "!has(self.valueFrom) || self.value == ''": (
+        ("spec", "stages", 0, "env", 0, "valueFrom"), {"secretKeyRef": {"name": "s3", "key": "id"}}, "spec.stages[0].env[0]"),
+    "has(self.secretKeyRef) != has(self.configMapKeyRef)": (
+        ("spec", "stages", 0, "env", 0), {"name": "X", "valueFrom": {}}, "spec.stages[0].env[0].valueFrom"),
     "!has(self.persistentVolumeClaim) || self.path.startsWith('/')": (
         ("spec", "triton", "modelRepository", "path"), "s3://bucket/repo", "spec.triton.modelRepository"),
     "self.all(l, self.exists_one(m, m.from == l.from && m.to == l.to))": (

@@ -50,6 +50,7 @@ def test_one_service_and_one_deployment_per_stage_in_flow_order():
         ("Service", "captioning-head"), ("Deployment", "captioning-head"),
         ("Service", "captioning-drafter"), ("Deployment", "captioning-drafter"),
         ("Service", "captioning-verifier"), ("Deployment", "captioning-verifier"),
+        ("PodDisruptionBudget", "captioning-verifier"),  # the only stage of more than one replica
     ]
     assert all(o["metadata"]["namespace"] == "team" for o in objects)
 
@@ -58,7 +59,7 @@ def test_rendering_is_deterministic():
     assert rendered() == rendered()
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_every_object_is_a_valid_kubernetes_object(index):
     kubernetes_validate.validate(rendered()[index], "1.32", strict=True)
 
@@ -178,3 +179,77 @@ def test_names_are_bounded_unique_and_valid():
     assert object_name(long_flow, long_stage + "x") != name
     assert object_name("9flow.v2", "a") == "af-9flow-v2-a"
     assert bounded("short") == "short"
+
+
+def test_a_stage_of_several_replicas_gets_a_disruption_budget_owned_and_labelled_like_its_deployment():
+    objects = rendered()
+    (budget,) = by_kind(objects, "PodDisruptionBudget").values()
+    dep = by_kind(objects, "Deployment")["captioning-verifier"]
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": dep["spec"]["selector"]}
+    assert budget["metadata"]["labels"] == dep["metadata"]["labels"]
+    assert budget["metadata"]["ownerReferences"] == dep["metadata"]["ownerReferences"]
+    single = manifest()
+    single["spec"]["stages"][2]["replicas"] = 1
+    assert by_kind(rendered(single), "PodDisruptionBudget") == {}
+
+
+def test_the_kubelet_waits_longer_than_triton_drains_and_cpu_pods_skip_gpu_probing():
+    for dep in by_kind(rendered(), "Deployment").values():
+        args = container(dep)["args"]
+        (exit_timeout,) = [int(a.split("=")[1]) for a in args if a.startswith("--exit-timeout-secs=")]
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > exit_timeout
+        assert "--allow-gpu-metrics=false" in args and "--pinned-memory-pool-byte-size=0" in args
+    doc = manifest()
+    doc["spec"]["stages"][2]["resources"] = {"limits": {"nvidia.com/gpu": 1}}
+    args = container(by_kind(rendered(doc), "Deployment")["captioning-verifier"])["args"]
+    assert "--allow-gpu-metrics=false" not in args and "--pinned-memory-pool-byte-size=0" not in args
+
+
+def cluster_of(cloud_cpu: str, cloud_nodes: int = 1):
+    from aiflow.api.cluster import NodeInfo
+
+    nodes = [NodeInfo(f"{t}-1", t, allocatable={"cpu": "8", "memory": "32Gi"}) for t in ("device", "edge")]
+    nodes += [NodeInfo(f"cloud-{i}", "cloud", allocatable={"cpu": cloud_cpu, "memory": "32Gi"})
+              for i in range(cloud_nodes)]
+    return ClusterView(tuple(nodes))
+
+
+def strategy(cloud_cpu: str, cloud_nodes: int = 1, stage: str = "captioning-verifier"):
+    doc = manifest()
+    doc["spec"]["stages"][2]["resources"] = {"requests": {"cpu": "1", "memory": "1Gi"}}
+    flow = parse_flow(doc)
+    cluster = cluster_of(cloud_cpu, cloud_nodes)
+    dep = by_kind(render(flow, resolve_placement(flow, cluster), cluster), "Deployment")[stage]
+    return dep["spec"]["strategy"]["rollingUpdate"]
+
+
+def test_the_rollout_surges_only_when_the_tier_has_room_for_one_more_pod():
+    # Two replicas of cpu 1 fill a 2-CPU cloud node: a surge pod would stay Pending forever.
+    assert strategy("2") == {"maxSurge": 0, "maxUnavailable": 1}
+    assert strategy("3") == {"maxSurge": 1, "maxUnavailable": 0}
+    assert strategy("1", cloud_nodes=3) == {"maxSurge": 1, "maxUnavailable": 0}  # one per node, a third node free
+    assert strategy("1", cloud_nodes=2) == {"maxSurge": 0, "maxUnavailable": 1}
+    assert strategy("2", stage="captioning-head") == {"maxSurge": 1, "maxUnavailable": 0}  # the device has room
+    # Offline (no allocatable known): make-before-break, as before.
+    assert by_kind(rendered(), "Deployment")["captioning-verifier"]["spec"]["strategy"]["rollingUpdate"] == {
+        "maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_env_from_a_secret_or_configmap_key_reaches_the_container_as_a_reference():
+    doc = manifest()
+    doc["spec"]["stages"][2]["env"] = [
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "model-store", "key": "secret"}}},
+        {"name": "AWS_REGION", "valueFrom": {"configMapKeyRef": {"name": "store", "key": "region", "optional": True}}},
+        {"name": "EMPTY"},
+    ]
+    from aiflow.api.validate import validate_manifest
+
+    assert validate_manifest(doc) == []
+    dep = by_kind(rendered(doc), "Deployment")["captioning-verifier"]
+    entries = {e["name"]: e for e in container(dep)["env"]}
+    assert entries["AWS_SECRET_ACCESS_KEY"] == {"name": "AWS_SECRET_ACCESS_KEY",
+                                                "valueFrom": {"secretKeyRef": {"name": "model-store", "key": "secret"}}}
+    assert entries["AWS_REGION"]["valueFrom"] == {"configMapKeyRef": {"name": "store", "key": "region", "optional": True}}
+    assert entries["EMPTY"] == {"name": "EMPTY", "value": ""}
+    assert container(dep)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    kubernetes_validate.validate(dep, "1.32", strict=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
+from aiflow import linkprobe
 from aiflow.api.cluster import ClusterView, NodeInfo
 from aiflow.api.spec import parse_flow
 from aiflow.controller import rescheduler
-from aiflow.controller.observe import node_record, observations
+from aiflow.controller.observe import node_record, observations, with_links
 from aiflow.controller.rescheduler import PlanRecord, step
 from aiflow.controller.revisions import REVISION_LABEL, render_revision
 from aiflow.controller.status import status_patch
@@ -38,15 +41,25 @@ def world(uplink_mbps=20.0, tiers=("device", "edge", "cloud")):
     return state, ClusterView(tuple(NodeInfo(f"{t}-1", t) for t in tiers))
 
 
+NOW = dt.datetime(2026, 1, 1, 0, 1, 0, tzinfo=dt.timezone.utc)
+
+
+def measured(node_name, tier, at=NOW, valid=180, **links):
+    """What a node's link probe published: tier -> (bandwidth Mbit/s, RTT ms)."""
+    data = linkprobe.measurement_data(node_name, tier, {t: linkprobe.Link(rtt, bw) for t, (bw, rtt) in links.items()},
+                                      at, valid)
+    return linkprobe.read_measurements(data)
+
+
 def test_node_records_keep_good_numbers_and_say_what_garbage_they_dropped():
-    good = node_record(node("d", "device", labels={"aiflow.io/compute-factor": "8"}, annotations={
-        "aiflow.io/link.edge.bandwidth-mbps": "20", "aiflow.io/link.edge.rtt-ms": "10",
-        "aiflow.io/link.cloud.bandwidth-mbps": "0", "aiflow.io/link.cloud.rtt-ms": "5",
-        "aiflow.io/link.measured-at": "2026-01-01T00:00:00Z"}))
+    good = node_record(node("d", "device", labels={"aiflow.io/compute-factor": "8"}))
+    data = {**linkprobe.measurement_data("d", "device", {"edge": linkprobe.Link(10, 20)}, NOW, 180),
+            "cloud.bandwidth-mbps": "0", "cloud.rtt-ms": "5", "cloud.measured-at": "2026-01-01T00:00:00Z"}
+    (good,), notes = with_links([good], [linkprobe.read_measurements(data)], NOW)
     assert good.compute_factor == 8.0 and dict(good.links)["edge"].bandwidth_mbps == 20.0
     assert "cloud" not in dict(good.links)  # no bandwidth is no link
-    assert good.problems == ("node d: link measurement towards cloud ignored (aiflow.io/link.cloud.bandwidth-mbps='0', "
-                             "aiflow.io/link.cloud.rtt-ms='5')",)
+    assert notes == ("node d: link measurement towards cloud ignored (cloud.rtt-ms='5', cloud.bandwidth-mbps='0', "
+                     "cloud.measured-at='2026-01-01T00:00:00Z')",)
     for raw in ("fast", "-1", "0", "nan", "inf"):
         bad = node_record(node("e", "edge", annotations={"aiflow.io/compute-factor": raw}))
         assert bad.compute_factor is None and "is not a positive number" in bad.problems[0]
@@ -58,9 +71,12 @@ def test_observations_take_median_speed_mean_load_and_links_of_usable_nodes():
         node("e1", "edge", labels={"aiflow.io/compute-factor": "1"}),
         node("e2", "edge", labels={"aiflow.io/compute-factor": "3"}),
         node("e3", "edge", ready=False, labels={"aiflow.io/compute-factor": "100"}),
-        node("d1", "device", annotations={"aiflow.io/link.edge.bandwidth-mbps": "4", "aiflow.io/link.edge.rtt-ms": "8"}),
-        node("d2", "device", annotations={"aiflow.io/link.edge.bandwidth-mbps": "6", "aiflow.io/link.edge.rtt-ms": "12"}),
+        node("d1", "device"), node("d2", "device"), node("d3", "device"),
     )]
+    records, notes = with_links(records, [measured("d1", "device", edge=(4, 8)), measured("d2", "device", edge=(6, 12)),
+                                          measured("d3", "device", at=NOW - dt.timedelta(seconds=181), edge=(500, 1))],
+                                NOW)
+    assert len(notes) == 1 and notes[0].startswith("node d3: link measurement towards edge is stale")
     seen = observations(records, {"e1": 0.2, "e2": 0.6, "e3": 1.0}, ("a note",))
     edge = next(t for t in seen.tiers if t.tier == "edge")
     assert (edge.nodes, edge.ready_nodes, edge.compute_factor, edge.utilisation) == (3, 2, 2.0, pytest.approx(0.4))

@@ -29,6 +29,22 @@ class StageParameters:
 
 
 @dataclass(frozen=True)
+class ValueFrom:
+    """An environment variable's value from a key of a Secret or ConfigMap of the flow's namespace."""
+
+    source: str  # secretKeyRef | configMapKeyRef
+    name: str
+    key: str
+    optional: bool | None = None
+
+    def as_dict(self) -> dict:
+        ref = {"name": self.name, "key": self.key}
+        if self.optional is not None:
+            ref["optional"] = self.optional
+        return {self.source: ref}
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     model: str
@@ -36,7 +52,7 @@ class Stage:
     replicas: int = 1
     resources: dict = field(default_factory=dict)  # Kubernetes ResourceRequirements
     parameters: StageParameters = StageParameters()
-    env: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str | ValueFrom], ...] = ()  # name -> value, or where to take it from
 
 
 @dataclass(frozen=True)
@@ -141,8 +157,17 @@ def _stage(s: dict) -> Stage:
         replicas=int(s["replicas"]),
         resources={k: dict(v) for k, v in (s.get("resources") or {}).items()},
         parameters=StageParameters(p.get("splitLayer"), p.get("codec"), p.get("decoding")),
-        env=tuple((e["name"], e.get("value", "")) for e in s.get("env") or ()),
+        env=tuple((e["name"], _env_value(e)) for e in s.get("env") or ()),
     )
+
+
+def _env_value(e: dict) -> str | ValueFrom:
+    source = e.get("valueFrom") or {}
+    for kind in ("secretKeyRef", "configMapKeyRef"):
+        if kind in source:
+            ref = source[kind]
+            return ValueFrom(kind, ref["name"], ref["key"], ref.get("optional"))
+    return e.get("value", "")
 
 
 def _triton(t: dict) -> Triton:

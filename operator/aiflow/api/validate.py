@@ -1,9 +1,10 @@
 """Everything wrong with an AIFlow manifest, each problem with its field path and what to fix.
 
 Order of the checks: identity (apiVersion, kind, name), fields the schema does not declare (strict
-field validation), the CRD's schema and CEL rules (what a cluster would reject at apply time), then semantics the schema cannot know: models that exist in
-the model repository, the data contract between consecutive stages, and — given a view of the
-cluster — tiers that have nodes.
+field validation), the CRD's schema and CEL rules (what a cluster would reject at apply time), then
+semantics the schema cannot know: models that exist in the model repository, the data contract
+between consecutive stages (both only for a flow that serves the bundled repository, the one the
+operator can read), and — given a view of the cluster — tiers that have nodes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def validate_manifest(
     user_part = {**doc, "metadata": {"name": meta.get("name")} if isinstance(meta, dict) else meta}
     user_part.pop("status", None)
     problems += _schema_and_cel_problems(json.dumps(user_part, sort_keys=True))
-    problems += model_problems(doc, load_catalog() if catalog is None else catalog)
+    if uses_bundled_repository(doc):
+        problems += model_problems(doc, load_catalog() if catalog is None else catalog)
+    # Any other repository (a volume, object storage, another image's) the operator cannot read: the
+    # stages load what it holds, and a model that fails to load is reported in status (ModelsLoaded).
     if cluster is not None:
         problems += tier_problems(doc, cluster)
     return _unique(problems)
@@ -54,6 +58,18 @@ def _schema_and_cel_problems(doc_json: str) -> tuple[Problem, ...]:
     reconcile and CEL evaluation is the costly part."""
     doc = json.loads(doc_json)
     return tuple(schema_problems(doc) + cel_problems(doc))
+
+
+BUNDLED_REPOSITORY = "/opt/aiflow/model_repo"
+
+
+def uses_bundled_repository(doc: dict) -> bool:
+    """Whether the flow serves the model repository baked into the stage image (the one the operator
+    ships too and checks against), rather than a volume or object storage of its own."""
+    spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    triton = spec.get("triton") if isinstance(spec.get("triton"), dict) else {}
+    repo = triton.get("modelRepository") if isinstance(triton.get("modelRepository"), dict) else {}
+    return repo.get("path", BUNDLED_REPOSITORY) == BUNDLED_REPOSITORY and "persistentVolumeClaim" not in repo
 
 
 def identity_problems(manifest: dict) -> list[Problem]:

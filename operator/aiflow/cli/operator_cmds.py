@@ -141,7 +141,7 @@ def cmd_render(args) -> int:
         # A new flow starts at revision 1, serving itself: what reconcile applies first, its
         # Deployments annotated with the plan (so that it survives a loss of status).
         placement = resolve_placement(flow, cluster)
-        objects.extend(annotate(render_revision(flow, placement, 1, 1), record_of(flow, placement, 1, time.time())))
+        objects.extend(annotate(render_revision(flow, placement, 1, 1, cluster), record_of(flow, placement, 1, time.time())))
     yaml.safe_dump_all(objects, sys.stdout, sort_keys=False, default_flow_style=False)
     return 0
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from kubernetes.utils import parse_quantity
 
-from aiflow.controller.kube import DEPLOYMENTS, FIELD_MANAGER, SERVICES, KubeApi, Resource
+from aiflow.controller.kube import DEPLOYMENTS, DISRUPTION_BUDGETS, FIELD_MANAGER, SERVICES, KubeApi, Resource
 from aiflow.render.names import selector_string
 
-KINDS: dict[str, Resource] = {"Service": SERVICES, "Deployment": DEPLOYMENTS}
+KINDS: dict[str, Resource] = {"Service": SERVICES, "Deployment": DEPLOYMENTS, "PodDisruptionBudget": DISRUPTION_BUDGETS}
 # The parts of an object the operator manages (name and namespace are its identity).
 MANAGED_METADATA = ("labels", "annotations", "ownerReferences")
 # Values the API server does not store (omitempty): rendering one is the same as leaving it out.
@@ -140,7 +140,7 @@ def owned_by(obj: dict, uid: str) -> bool:
 
 
 def list_owned(api: KubeApi, namespace: str, selector: dict[str, str]) -> dict[tuple[str, str], dict]:
-    """The live Services and Deployments that carry the flow's labels, by (kind, name)."""
+    """The live Services, Deployments and PodDisruptionBudgets that carry the flow's labels, by (kind, name)."""
     live = {}
     for kind, resource in KINDS.items():
         for obj in api.list(resource.path(namespace), selector_string(selector)):

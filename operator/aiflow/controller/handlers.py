@@ -35,7 +35,7 @@ from aiflow import GROUP, KIND, PLURAL, TIER_LABEL, VERSION
 from aiflow.api.cluster import node_info
 from aiflow.controller import metrics, rescheduler
 from aiflow.controller.kube import ApiError, KubeApi
-from aiflow.controller.observe import NodeRecord, node_record, node_utilisation
+from aiflow.controller.observe import NodeRecord, node_record, node_utilisation, read_link_measurements
 from aiflow.controller.reconcile import Load, Result, Tick, object_reference, reconcile
 from aiflow.controller.revisions import stage_service
 from aiflow.controller.stage_metrics import StageMetricsError, StageSample, metrics_url, read_stage_metrics, stage_times
@@ -52,6 +52,8 @@ RETRY_SECONDS = 10.0
 RESCHEDULE_TICK_SECONDS = float(os.environ.get("AIFLOW_RESCHEDULE_TICK_SECONDS", "5"))
 # Node load older than this is read again before a reconcile uses it.
 LOAD_MAX_AGE_SECONDS = 15.0
+# The namespace of the link probes' measurement ConfigMaps (the chart's release namespace); unset: none.
+LINK_NAMESPACE_ENV = "AIFLOW_LINK_NAMESPACE"
 # "0" turns off reading the stages' Triton metrics (e.g. an operator outside the cluster network).
 STAGE_METRICS_ENV = "AIFLOW_STAGE_METRICS"
 # The replicas of a flow's stages become ready in bursts: one status update per burst is enough.
@@ -80,11 +82,15 @@ class FlowQueue:
         self._load_lock = asyncio.Lock()
 
     async def node_load(self, api: KubeApi, nodes: list[NodeRecord], max_age: float = LOAD_MAX_AGE_SECONDS) -> Load:
-        """The nodes' CPU utilisation, read again when older than `max_age` seconds."""
+        """The nodes' CPU utilisation and the link probes' measurements (when `AIFLOW_LINK_NAMESPACE`
+        names where they are), read again when older than `max_age` seconds."""
         async with self._load_lock:
             if self._load_at is None or time.monotonic() - self._load_at >= max_age:
                 utilisation, notes = await asyncio.to_thread(node_utilisation, api, nodes)
-                self.load, self._load_at = Load(utilisation, notes), time.monotonic()
+                links, link_notes = (), ()
+                if namespace := os.environ.get(LINK_NAMESPACE_ENV):
+                    links, link_notes = await asyncio.to_thread(read_link_measurements, api, namespace)
+                self.load, self._load_at = Load(utilisation, notes + link_notes, links), time.monotonic()
         return self.load
 
     def deployment_changed(self, namespace: str, name: str, signature: tuple | None) -> bool:

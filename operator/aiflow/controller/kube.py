@@ -43,6 +43,9 @@ class Resource:
 NODES = Resource("v1", "nodes", namespaced=False)
 SERVICES = Resource("v1", "services")
 DEPLOYMENTS = Resource("apps/v1", "deployments")
+DISRUPTION_BUDGETS = Resource("policy/v1", "poddisruptionbudgets")
+PODS = Resource("v1", "pods")
+CONFIGMAPS = Resource("v1", "configmaps")
 
 
 class ApiError(Exception):

@@ -9,9 +9,12 @@ load, and the links between tiers.
 - Load: CPU usage from metrics.k8s.io (metrics-server) over the node's allocatable CPU; a tier takes
   the mean of its usable nodes. Without metrics-server (the API is not served) or on errors, load
   counts as 0 and the observation says so.
-- Links: the link probe's node annotations (`aiflow.linkprobe.read_links`); the link from tier A to
-  tier B is the median over A's usable nodes of what they measured towards B. Links nobody measured
-  take the flow's declared `spec.links` (the planner's `cluster_state` does that).
+- Links: the link probe's ConfigMaps (one per node, labelled `aiflow.linkprobe.MEASUREMENT_LABELS`,
+  in the namespace `AIFLOW_LINK_NAMESPACE` names; read by `read_link_measurements`, attached to the
+  node records by `with_links`); the link from tier A to tier B is the median over A's usable nodes of
+  what they measured towards B. A measurement older than its `valid-seconds` is stale and not used.
+  Links nobody measured (or only long ago) take the flow's declared `spec.links` (the planner's
+  `cluster_state` does that), and the notes say which measurement expired.
 
 Garbage (a factor that is not a positive number, a negative or unparsable measurement, a 500 from
 the metrics API) is never raised: it is left out, the planner falls back, and `notes` say what was
@@ -20,6 +23,7 @@ left out, for the flow's status.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import statistics
 from dataclasses import dataclass, field, replace
@@ -28,9 +32,10 @@ from kubernetes.utils import parse_quantity
 
 from aiflow import TIER_LABEL, TIERS
 from aiflow.api.cluster import ClusterView, NodeInfo, node_info
-from aiflow.controller.kube import NODES, ApiError, KubeApi, Resource
-from aiflow.linkprobe import ANNOTATION_PREFIX, MEASURED_AT, Link, read_links
+from aiflow.controller.kube import CONFIGMAPS, NODES, ApiError, KubeApi, Resource
+from aiflow.linkprobe import MEASUREMENT_LABELS, Link, Published, read_measurements
 from aiflow.planner.cluster import MEASURED, LinkState, TierState, tier_states_from_nodes
+from aiflow.render.names import selector_string
 
 COMPUTE_FACTOR = "aiflow.io/compute-factor"
 NODE_METRICS_GROUP = "/apis/metrics.k8s.io/v1beta1"
@@ -70,16 +75,35 @@ def node_record(node: dict) -> NodeRecord | None:
         factor = _positive(raw)
         if factor is None:
             problems.append(f"node {info.name}: {COMPUTE_FACTOR}={raw!r} is not a positive number; using 1")
-    links = {tier: link for tier, link in read_links(annotations).items() if tier != info.tier}
-    for tier, link in list(links.items()):
-        if link.bandwidth_mbps <= 0:  # read_links accepts 0; a link with no bandwidth cannot carry a plan
-            del links[tier]
-    published = {key[len(ANNOTATION_PREFIX):].split(".")[0] for key in annotations
-                 if key.startswith(ANNOTATION_PREFIX) and key != MEASURED_AT}
-    for tier in sorted(published - set(links) - {info.tier}):
-        keys = ", ".join(f"{k}={v!r}" for k, v in sorted(annotations.items()) if k.startswith(f"{ANNOTATION_PREFIX}{tier}."))
-        problems.append(f"node {info.name}: link measurement towards {tier} ignored ({keys or 'unknown tier'})")
-    return NodeRecord(info, factor, tuple(sorted(links.items())), tuple(problems))
+    return NodeRecord(info, factor, (), tuple(problems))
+
+
+def read_link_measurements(api: KubeApi, namespace: str) -> tuple[tuple[Published, ...], tuple[str, ...]]:
+    """The link probes' ConfigMaps in `namespace`, read back; notes on what could not be read."""
+    try:
+        items = api.list(CONFIGMAPS.path(namespace), selector_string(MEASUREMENT_LABELS))
+    except (ApiError, OSError, ValueError) as exc:
+        return (), (f"link measurements: cannot list ConfigMaps in {namespace} ({exc}); using declared links",)
+    published = [read_measurements({str(k): str(v) for k, v in ((item or {}).get("data") or {}).items()})
+                 for item in items]
+    return tuple(p for p in published if p is not None), ()
+
+
+def with_links(records, published, now: dt.datetime) -> tuple[list[NodeRecord], tuple[str, ...]]:
+    """Node records with the fresh links their node's probe published (towards other tiers), and
+    notes on every measurement left out: garbage, or stale (older than its `valid-seconds`)."""
+    by_node = {p.node: p for p in published}
+    out, notes = [], []
+    for record in records:
+        mine = by_node.get(record.info.name)
+        if mine is None:
+            out.append(record)
+            continue
+        fresh, stale = mine.fresh(now)
+        links = tuple(sorted((t, l) for t, l in fresh.items() if t != record.info.tier))
+        notes += list(mine.problems) + list(stale)
+        out.append(replace(record, links=links))
+    return out, tuple(notes)
 
 
 def records_from_nodes(nodes: list[dict]) -> list[NodeRecord]:

@@ -24,8 +24,8 @@ from aiflow.api.spec import Flow, parse_flow
 from aiflow.api.validate import validate_manifest
 from aiflow.controller import rescheduler
 from aiflow.controller.apply import Action, NameConflict, apply_flow, list_owned
-from aiflow.controller.kube import KubeApi, Resource
-from aiflow.controller.observe import NodeRecord, cluster_view, observations, observe_nodes
+from aiflow.controller.kube import PODS, KubeApi, Resource
+from aiflow.controller.observe import NodeRecord, cluster_view, observations, observe_nodes, with_links
 from aiflow.controller.recovery import annotate, recovered_plans
 from aiflow.controller.rescheduler import DecisionRecord, PlanRecord, Step, parse_stamp, stamp
 from aiflow.controller.revisions import (
@@ -33,11 +33,12 @@ from aiflow.controller.revisions import (
 )
 from aiflow.controller.stage_metrics import StageTimes
 from aiflow.controller.status import (
-    ABNORMAL_TRUE, PLAN_FIELDS, READY, Observation, build_status, changed_conditions, deployment_ready_replicas,
-    deployments_by_stage, hop_links, readiness_signature, stage_states, status_patch,
+    ABNORMAL_TRUE, PLAN_FIELDS, READY, Observation, build_status, changed_conditions, deployments_by_stage,
+    hop_links, load_failure, readiness_signature, rolled_out, stage_states, status_patch, stuck_reason,
 )
+from aiflow.render.manifests import MODEL_ANNOTATION
 from aiflow.planner.cluster import cluster_state, declared_links
-from aiflow.render.names import flow_selector
+from aiflow.render.names import STAGE_LABEL, flow_selector, selector_string
 
 AIFLOWS = Resource(f"{GROUP}/{VERSION}", PLURAL)
 
@@ -51,10 +52,12 @@ class Event:
 
 @dataclass(frozen=True)
 class Load:
-    """Per-node CPU utilisation (metrics.k8s.io) and notes on what could not be read."""
+    """Per-node CPU utilisation (metrics.k8s.io), the link probes' published measurements, and notes
+    on what could not be read."""
 
     utilisation: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    links: tuple = ()  # aiflow.linkprobe.Published, one per probing node
 
 
 @dataclass(frozen=True)
@@ -92,15 +95,42 @@ def _now() -> str:
 
 
 def revision_ready(flow: Flow, revision: int, live: dict[tuple[str, str], dict]) -> bool:
-    """Whether every stage's Deployment of `revision` exists and reports all replicas ready."""
+    """Whether every stage's Deployment of `revision` exists and has rolled out: every replica runs
+    the current spec and is available."""
     for stage in flow.stages:
         dep = live.get(("Deployment", deployment_name(flow, stage.name, revision)))
-        if dep is None or revision_of(dep) != revision:
-            return False
-        want = int((dep.get("spec") or {}).get("replicas", stage.replicas))
-        if deployment_ready_replicas(dep) < want or want < 1:
+        if dep is None or revision_of(dep) != revision or not rolled_out(dep):
             return False
     return True
+
+
+def rollout_findings(api: KubeApi, namespace: str, name: str, live: dict[tuple[str, str], dict]) -> tuple[tuple, tuple]:
+    """What the pods of the flow's unfinished rollouts say: (stage, Deployment, (reason, message)) of
+    every rollout that cannot finish, and (stage, model, pod, Triton's message) of every stage whose
+    Triton exited because its model failed to load. The flow's Pods are listed only when some
+    Deployment has not rolled out."""
+    pending = sorted((n, d) for (k, n), d in live.items() if k == "Deployment" and not rolled_out(d))
+    if not pending:
+        return (), ()
+    pods = api.list(PODS.path(namespace), selector_string(flow_selector(name)))
+    stuck, failures = [], []
+    for dep_name, dep in pending:
+        meta = dep.get("metadata") or {}
+        stage = (meta.get("labels") or {}).get(STAGE_LABEL, dep_name)
+        selector = ((dep.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        mine = sorted((p for p in pods if selector and all(
+            ((p.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in selector.items())),
+            key=lambda p: p["metadata"].get("name", ""))
+        why = stuck_reason(dep, mine)
+        if why is not None:
+            stuck.append((stage, dep_name, why))
+        for pod in mine:
+            message = load_failure(pod)
+            if message is not None:
+                model = (meta.get("annotations") or {}).get(MODEL_ANNOTATION, "?")
+                failures.append((stage, model, pod["metadata"].get("name", ""), message))
+                break
+    return tuple(stuck), tuple(failures)
 
 
 def reconcile(api: KubeApi, namespace: str, name: str, catalog: dict[str, ModelInfo] | None = None,
@@ -125,7 +155,8 @@ def reconcile(api: KubeApi, namespace: str, name: str, catalog: dict[str, ModelI
         run = run_plan(api, flow, body, run.live, nodes, load or Load(), cluster, tick)
     elif flow is not None:
         run.degraded = tuple(rescheduler.lost_tiers(PlanRecord.from_status(old.get("plan"), flow), cluster))
-    obs = observation(flow, body, run, spec_problems, tier_problems)
+    findings = rollout_findings(api, namespace, name, run.live) if flow is not None else ((), ())
+    obs = observation(flow, body, run, spec_problems, tier_problems, findings)
     return write_status(api, body, flow, run, obs)
 
 
@@ -164,10 +195,10 @@ def desired_objects(flow: Flow, step: Step, state, cluster: ClusterView):
     revision's Placement."""
     revision = step.serving.revision
     placement = rescheduler.placement_of_record(flow, step.serving, state, cluster)
-    desired = annotate(render_revision(flow, placement, revision, revision), step.serving)
+    desired = annotate(render_revision(flow, placement, revision, revision, cluster), step.serving)
     if step.migration is not None:
         target = rescheduler.placement_of_record(flow, step.migration, state, cluster)
-        incoming = annotate(render_revision(flow, target, step.migration.revision, revision), step.migration)
+        incoming = annotate(render_revision(flow, target, step.migration.revision, revision, cluster), step.migration)
         desired = merge_revisions(desired, incoming)
     return desired, placement
 
@@ -177,7 +208,8 @@ def run_plan(api: KubeApi, flow: Flow, body: dict, live: dict, nodes: list[NodeR
     """The rescheduler's step for the flow, its objects applied, and what status reports of them."""
     now = tick.now if tick else time.time()
     old = body.get("status") or {}
-    seen = observations(nodes, load.utilisation, load.notes)
+    measured, link_notes = with_links(nodes, load.links, dt.datetime.fromtimestamp(now, dt.timezone.utc))
+    seen = observations(measured, load.utilisation, load.notes + link_notes)
     state = cluster_state(seen.tiers, seen.links, declared_links(flow))
     serving, migration, last_move = current_plans(flow, old, live, now)
     step = rescheduler.step(
@@ -201,8 +233,10 @@ def run_plan(api: KubeApi, flow: Flow, body: dict, live: dict, nodes: list[NodeR
     return run
 
 
-def observation(flow: Flow | None, body: dict, run: Run, spec_problems, tier_problems) -> Observation:
-    """What status reports: problems, the serving revision's stages, placement, links, degradation."""
+def observation(flow: Flow | None, body: dict, run: Run, spec_problems, tier_problems,
+                findings: tuple = ((), ())) -> Observation:
+    """What status reports: problems, the serving revision's stages, placement, links, degradation,
+    and what the pods of unfinished rollouts say (`rollout_findings`)."""
     serving = {n[0] for n in run.names.values()} if run.names is not None else None
     deployments = {k: v for k, v in run.live.items() if k[0] == "Deployment" and (serving is None or k[1] in serving)}
     return Observation(
@@ -216,6 +250,8 @@ def observation(flow: Flow | None, body: dict, run: Run, spec_problems, tier_pro
         degraded=run.degraded,
         degraded_message=degraded_message(run.degraded, run.step),
         plan_status=run.plan_status,
+        stuck=findings[0],
+        load_failures=findings[1],
     )
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import copy
 
-from aiflow.api.placement import Placement
+from aiflow.api.cluster import ClusterView
 from aiflow.api.spec import Flow
-from aiflow.render.manifests import CONFIG_HASH_ANNOTATION, GRPC_PORT, config_hash, render
-from aiflow.render.names import bounded, object_name
+from aiflow.api.placement import Placement
+from aiflow.render.manifests import CONFIG_HASH_ANNOTATION, GRPC_PORT, config_hash, disruption_budget, render
+from aiflow.render.names import STAGE_LABEL, bounded, label_value, object_name
 
 REVISION_LABEL = "aiflow.io/revision"
 
@@ -53,13 +54,17 @@ def revision_of(obj: dict) -> int | None:
         return None
 
 
-def render_revision(flow: Flow, placement: Placement, revision: int, serving: int) -> list[dict]:
-    """The objects of `revision` of the flow; the entry Service selects revision `serving`."""
-    objects = copy.deepcopy(render(flow, placement))
+def render_revision(flow: Flow, placement: Placement, revision: int, serving: int,
+                    cluster: ClusterView | None = None) -> list[dict]:
+    """The objects of `revision` of the flow; the entry Service selects revision `serving`.
+    `cluster` decides the Deployments' rollout strategies (`render`)."""
+    objects = copy.deepcopy(render(flow, placement, cluster))
+    by_stage = {(o["kind"], o["metadata"]["labels"][STAGE_LABEL]): o for o in objects}
     label = {REVISION_LABEL: str(revision)}
     out = []
     for i, stage in enumerate(flow.stages):
-        service, deployment = objects[2 * i], objects[2 * i + 1]
+        key = label_value(stage.name)
+        service, deployment = by_stage[("Service", key)], by_stage[("Deployment", key)]
         if i == 0:
             service["spec"]["selector"][REVISION_LABEL] = str(serving)
         else:
@@ -78,6 +83,9 @@ def render_revision(flow: Flow, placement: Placement, revision: int, serving: in
                     var["value"] = endpoint(flow, flow.stages[i + 1].name, revision)
         spec["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] = config_hash(pod)
         out += [service, deployment]
+        budget = disruption_budget(deployment)  # named and selecting as the revision's Deployment
+        if budget is not None:
+            out.append(budget)
     return out
 
 

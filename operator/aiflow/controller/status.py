@@ -6,17 +6,20 @@ Conditions follow the Kubernetes API conventions: `type`, `status`, `reason` (Ca
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from aiflow.api.placement import Placement
 from aiflow.api.problems import Problem
 from aiflow.api.spec import Flow
-from aiflow.render.manifests import MODEL_ANNOTATION, TIER_ANNOTATION, service_endpoint
+from aiflow.render.manifests import CONTAINER, MODEL_ANNOTATION, TIER_ANNOTATION, service_endpoint
 from aiflow.render.names import STAGE_LABEL, object_name
+from aiflow.render.rollout import max_unavailable
 
 READY, SPEC_VALID, TIERS_SCHEDULABLE, DEGRADED = "Ready", "SpecValid", "TiersSchedulable", "Degraded"
+ROLLOUT_STUCK, MODELS_LOADED = "RolloutStuck", "ModelsLoaded"
 # Conditions whose True is the bad news (Kubernetes conventions allow both polarities).
-ABNORMAL_TRUE = (DEGRADED,)
+ABNORMAL_TRUE = (DEGRADED, ROLLOUT_STUCK)
 # Status fields the rescheduler owns, kept as they are while the spec is invalid.
 PLAN_FIELDS = ("plan", "migration", "lastMigrationTime", "lastDecision", "latency", "observations")
 PENDING, PHASE_READY, INVALID, UNSCHEDULABLE = "Pending", "Ready", "Invalid", "Unschedulable"
@@ -51,15 +54,19 @@ class StageState:
     tier: str = ""
     tier_reason: str = ""
     replicas: int = 0
-    ready_replicas: int = 0
+    ready_replicas: int = 0  # ready pods of every ReplicaSet of the Deployment, old and new
     exists: bool = False
+    max_unavailable: int = 0  # the Deployment's rollout may take this many replicas out of service
     deployment: str = ""  # names of the serving revision's objects (default: <flow>-<stage>)
     service: str = ""
     endpoint: str = ""
 
     @property
     def ready(self) -> bool:
-        return self.exists and self.ready_replicas >= self.replicas > 0
+        """Serving at the availability its rollout strategy allows: at least `replicas -
+        maxUnavailable` replicas (and one) ready, counted over the old pods and the new alike, as
+        the Deployment's own Available condition counts them."""
+        return self.exists and self.replicas > 0 and self.ready_replicas >= max(1, self.replicas - self.max_unavailable)
 
 
 @dataclass(frozen=True)
@@ -76,23 +83,58 @@ class Observation:
     degraded: tuple[str, ...] | None = None  # tiers the flow runs on or left that have no usable node; None: unknown
     degraded_message: str = ""
     plan_status: dict = field(default_factory=dict)  # the rescheduler's fields (PLAN_FIELDS)
+    stuck: tuple[tuple[str, str, tuple[str, str]], ...] = ()  # (stage, Deployment, (reason, message)) per stuck rollout
+    load_failures: tuple[tuple[str, str, str, str], ...] = ()  # (stage, model, pod, Triton's message)
 
 
 def readiness_signature(deployment: dict) -> tuple:
-    """What of a Deployment bears on the flow's status: a change event without a change here needs
-    no reconcile."""
+    """What of a Deployment bears on the flow's status (readiness and rollout progress): a change
+    event without a change here needs no reconcile."""
     meta, spec, status = (deployment.get(k) or {} for k in ("metadata", "spec", "status"))
-    return (meta.get("generation"), spec.get("replicas"), status.get("observedGeneration"), status.get("readyReplicas"))
+    progressing = progressing_condition(deployment)
+    return (meta.get("generation"), spec.get("replicas"), status.get("observedGeneration"), status.get("readyReplicas"),
+            status.get("replicas"), status.get("updatedReplicas"), status.get("unavailableReplicas"),
+            progressing.get("status"), progressing.get("reason"))
+
+
+def progressing_condition(deployment: dict) -> dict:
+    return next((c for c in (deployment.get("status") or {}).get("conditions") or ()
+                 if c.get("type") == "Progressing"), {})
 
 
 def deployment_ready_replicas(deployment: dict) -> int:
-    """Ready replicas, counted only once the Deployment controller has seen the current spec."""
-    status = deployment.get("status") or {}
-    observed = status.get("observedGeneration")
-    generation = (deployment.get("metadata") or {}).get("generation")
-    if observed is not None and generation is not None and observed < generation:
-        return 0
-    return int(status.get("readyReplicas") or 0)
+    """Ready replicas of the stage: `readyReplicas` counts the pods of every ReplicaSet of the
+    Deployment, so the old pods that serve during a rollout count as well as the new ones."""
+    return int((deployment.get("status") or {}).get("readyReplicas") or 0)
+
+
+def rolled_out(deployment: dict) -> bool:
+    """Whether the Deployment controller has seen the current spec and every replica runs it and is
+    available (a rollout that finished)."""
+    meta, spec, status = (deployment.get(k) or {} for k in ("metadata", "spec", "status"))
+    want = int(spec.get("replicas", 1))
+    observed, generation = status.get("observedGeneration"), meta.get("generation")
+    if observed is None or (generation is not None and observed < generation):
+        return False
+    return (int(status.get("updatedReplicas") or 0) >= want and int(status.get("availableReplicas") or 0) >= want
+            and int(status.get("replicas") or 0) <= want)
+
+
+def stuck_reason(deployment: dict, pods: list[dict]) -> tuple[str, str] | None:
+    """(reason, message) when the Deployment's rollout cannot finish: a pod the scheduler cannot place
+    (its PodScheduled=False condition, with the scheduler's message), or the controller's
+    ProgressDeadlineExceeded; None otherwise. `pods` are the Deployment's pods."""
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("name", "")):
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        for c in (pod.get("status") or {}).get("conditions") or ():
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                return "PodsUnschedulable", (f"pod {pod['metadata'].get('name')} cannot be scheduled "
+                                             f"({c.get('reason') or 'Unschedulable'}): {c.get('message') or 'no message'}")
+    progressing = progressing_condition(deployment)
+    if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+        return "ProgressDeadlineExceeded", progressing.get("message") or "the rollout exceeded its progress deadline"
+    return None
 
 
 def stage_states(flow: Flow, placement: Placement | None, deployments: dict[str, dict],
@@ -113,6 +155,7 @@ def stage_states(flow: Flow, placement: Placement | None, deployments: dict[str,
             replicas=int(((dep or {}).get("spec") or {}).get("replicas", stage.replicas)),
             ready_replicas=deployment_ready_replicas(dep) if dep else 0,
             exists=dep is not None,
+            max_unavailable=max_unavailable(dep) if dep else 0,
             deployment=deployment,
             service=service,
             endpoint=endpoint,
@@ -162,7 +205,59 @@ def conditions(obs: Observation) -> list[Condition]:
                              f"{', '.join(obs.degraded)} has no Ready node")
     else:
         degraded = Condition(DEGRADED, False, "AllTiersAvailable", "every tier the flow runs on has Ready nodes")
-    return [ready, valid, tiers, degraded]
+    return [ready, valid, tiers, degraded, rollout_condition(obs), models_condition(obs)]
+
+
+def models_condition(obs: Observation) -> Condition:
+    if obs.spec_problems:
+        return Condition(MODELS_LOADED, None, "InvalidSpec", "the stages wait for a valid spec")
+    if not obs.load_failures:
+        return Condition(MODELS_LOADED, True, "NoLoadFailure", "no stage's Triton reports a model that failed to load")
+    return Condition(MODELS_LOADED, False, "ModelLoadFailed", "; ".join(
+        f"stage {stage}: model {model} did not load (pod {pod}): {message}"
+        for stage, model, pod, message in obs.load_failures))
+
+
+_TRITON_ERROR = re.compile(r'^E\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] "?(?P<text>.*?)"?$')
+# Errors Triton logs on every start of a CPU-only pod; they say nothing about the model.
+_NOISE = ("CudaDriverHelper has not been initialized",)
+
+
+def triton_errors(log_tail: str) -> str:
+    """What went wrong, from the tail of a Triton log: its `E...` lines and its final `error:` line
+    (the first line of each; tracebacks and the option tables left out); else the last line."""
+    picked: list[str] = []
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    for line in lines:
+        match = _TRITON_ERROR.match(line)
+        text = match.group("text") if match else line[len("error: "):] if line.startswith("error: ") else None
+        if text and not any(n in text for n in _NOISE) and text not in picked:
+            picked.append(text)
+    return "; ".join(picked) or (lines[-1] if lines else "no log")
+
+
+def load_failure(pod: dict, container: str = CONTAINER) -> str | None:
+    """Triton's message when the stage container of `pod` exited with an error (its termination
+    message: the kubelet keeps the log's tail there, `terminationMessagePolicy: FallbackToLogsOnError`)."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or ():
+        if status.get("name") != container:
+            continue
+        for state in ("state", "lastState"):
+            ended = (status.get(state) or {}).get("terminated") or {}
+            if ended and int(ended.get("exitCode") or 0) != 0:
+                return triton_errors(ended.get("message") or ended.get("reason") or "")
+    return None
+
+
+def rollout_condition(obs: Observation) -> Condition:
+    if obs.spec_problems:
+        return Condition(ROLLOUT_STUCK, None, "InvalidSpec", "rollouts wait for a valid spec")
+    if not obs.stuck:
+        return Condition(ROLLOUT_STUCK, False, "RolloutsProgressing", "no stage's rollout is stuck")
+    reasons = {reason for _, _, (reason, _) in obs.stuck}
+    reason = "PodsUnschedulable" if "PodsUnschedulable" in reasons else sorted(reasons)[0]
+    message = "; ".join(f"stage {stage} (Deployment {name}): {why}" for stage, name, (_, why) in obs.stuck)
+    return Condition(ROLLOUT_STUCK, True, reason, message)
 
 
 def phase(obs: Observation) -> str:

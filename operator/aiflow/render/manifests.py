@@ -10,9 +10,11 @@ import hashlib
 import json
 
 from aiflow import GROUP, KIND, TIER_LABEL, VERSION
+from aiflow.api.cluster import ClusterView
 from aiflow.api.placement import Placement, StagePlacement
-from aiflow.api.spec import Flow, Stage
+from aiflow.api.spec import Flow, Stage, ValueFrom
 from aiflow.render.names import object_name, stage_labels, stage_selector
+from aiflow.render.rollout import SURGE, rolling_update
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 CONFIG_HASH_ANNOTATION = "aiflow.io/config-hash"
@@ -21,15 +23,28 @@ TIER_ANNOTATION = "aiflow.io/tier"
 TRITON_UID = 1000  # the `triton-server` user of the NVIDIA Triton images
 CONTAINER = "triton"
 MODEL_VOLUME = "model-repository"
+# Triton waits this long for in-flight requests when told to stop; the kubelet's SIGKILL must come
+# later, or draining races the kill.
+EXIT_TIMEOUT_SECONDS = 30
+TERMINATION_GRACE_SECONDS = EXIT_TIMEOUT_SECONDS + 15
+# On a pod without a GPU: no GPU metrics (NVML/DCGM) and no pinned-memory pool (CUDA), whose
+# failed probing Triton otherwise logs as errors at every start.
+CPU_ONLY_ARGS = ("--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0")
 
 
-def render(flow: Flow, placement: Placement) -> list[dict]:
-    """Every object the flow owns, in apply order: per stage its Service, then its Deployment."""
+def render(flow: Flow, placement: Placement, cluster: ClusterView | None = None) -> list[dict]:
+    """Every object the flow owns, in apply order: per stage its Service, its Deployment and, for a
+    stage of more than one replica, its PodDisruptionBudget. `cluster` (the tiers' nodes) decides
+    each Deployment's rollout strategy (`rollout`); without it, make-before-break."""
     objects = []
     for i, stage in enumerate(flow.stages):
         successor = flow.stages[i + 1] if i + 1 < len(flow.stages) else None
         objects.append(render_service(flow, stage))
-        objects.append(render_deployment(flow, stage, placement.of(stage.name), successor))
+        deployment = render_deployment(flow, stage, placement.of(stage.name), successor,
+                                       rolling_update(flow, placement, cluster, stage))
+        objects.append(deployment)
+        if (budget := disruption_budget(deployment)) is not None:
+            objects.append(budget)
     return objects
 
 
@@ -98,7 +113,8 @@ def stage_env(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage
     # The root filesystem is read-only: caches of Python libraries go to the writable /tmp.
     env["HOME"] = "/tmp"
     env.update(dict(stage.env))
-    return [{"name": k, "value": v} for k, v in env.items()]
+    return [{"name": k, "valueFrom": v.as_dict()} if isinstance(v, ValueFrom) else {"name": k, "value": v}
+            for k, v in env.items()]
 
 
 def _probe(path: str, period: int, failures: int) -> dict:
@@ -110,7 +126,9 @@ def _probe(path: str, period: int, failures: int) -> dict:
     }
 
 
-def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> dict:
+def _volumes(flow: Flow) -> tuple[list[dict], list[dict]]:
+    """The pod's volumes and the container's mounts of them: writable scratch for Triton and the
+    Python backend (the root filesystem is read-only), and the model repository when it is a claim."""
     repo = flow.triton.model_repository
     mounts = [
         {"name": "tmp", "mountPath": "/tmp"},  # Triton and the Python backend write here
@@ -126,21 +144,66 @@ def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor:
             mount["subPath"] = repo.sub_path
         mounts.append(mount)
         volumes.append({"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": repo.claim_name, "readOnly": True}})
-    container = {
+    return mounts, volumes
+
+
+def triton_args(flow: Flow, stage: Stage) -> list[str]:
+    """The tritonserver command line: the one model of the stage, explicit ports, ready only when it loaded."""
+    return [
+        f"--model-repository={flow.triton.model_repository.path}",
+        "--model-control-mode=explicit",
+        f"--load-model={stage.model}",
+        f"--http-port={HTTP_PORT}",
+        f"--grpc-port={GRPC_PORT}",
+        f"--metrics-port={METRICS_PORT}",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_SECONDS}",
+        *(() if uses_gpu(stage) else CPU_ONLY_ARGS),
+    ]
+
+
+def uses_gpu(stage: Stage) -> bool:
+    """Whether the stage's pod asks for a GPU (an extended resource such as nvidia.com/gpu)."""
+    return any("gpu" in name for part in ("limits", "requests") for name in stage.resources.get(part) or {})
+
+
+def _probes() -> dict:
+    # Loading a model (Python backend, torch) can take minutes: the startup probe holds the
+    # liveness probe off until Triton is live.
+    return {
+        "startupProbe": _probe("/v2/health/live", 5, 120),
+        "livenessProbe": _probe("/v2/health/live", 10, 3),
+        "readinessProbe": _probe("/v2/health/ready", 5, 3),
+    }
+
+
+def _container_security() -> dict:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security() -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRITON_UID,
+        "runAsGroup": TRITON_UID,
+        "fsGroup": TRITON_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None, mounts: list[dict]) -> dict:
+    return {
         "name": CONTAINER,
         "image": flow.triton.image,
         "imagePullPolicy": flow.triton.image_pull_policy,
         "command": ["tritonserver"],
-        "args": [
-            f"--model-repository={repo.path}",
-            "--model-control-mode=explicit",
-            f"--load-model={stage.model}",
-            f"--http-port={HTTP_PORT}",
-            f"--grpc-port={GRPC_PORT}",
-            f"--metrics-port={METRICS_PORT}",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
-        ],
+        "args": triton_args(flow, stage),
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
@@ -148,32 +211,32 @@ def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor:
         ],
         "env": stage_env(flow, stage, placed, successor),
         "resources": stage.resources,
-        # Loading a model (Python backend, torch) can take minutes: the startup probe holds the
-        # liveness probe off until Triton is live.
-        "startupProbe": _probe("/v2/health/live", 5, 120),
-        "livenessProbe": _probe("/v2/health/live", 10, 3),
-        "readinessProbe": _probe("/v2/health/ready", 5, 3),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        # When Triton exits (a model that fails to load), the tail of its log becomes the container's
+        # termination message, which the operator reports in the flow's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        **_probes(),
+        "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
+
+
+def _scheduling(placed: StagePlacement) -> dict:
+    """Onto the tier's nodes, tolerating the tier's taint."""
     return {
         "nodeSelector": {TIER_LABEL: placed.tier},
         "tolerations": [{"key": TIER_LABEL, "operator": "Equal", "value": placed.tier, "effect": "NoSchedule"}],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRITON_UID,
-            "runAsGroup": TRITON_UID,
-            "fsGroup": TRITON_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+    }
+
+
+def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> dict:
+    mounts, volumes = _volumes(flow)
+    return {
+        **_scheduling(placed),
+        "securityContext": _pod_security(),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "containers": [container],
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "containers": [_container(flow, stage, placed, successor, mounts)],
         "volumes": volumes,
     }
 
@@ -182,7 +245,10 @@ def config_hash(pod_spec: dict) -> str:
     return hashlib.sha256(json.dumps(pod_spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> dict:
+def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None,
+                      strategy: dict | None = None) -> dict:
+    """The stage's Deployment; `strategy` defaults to make-before-break (a new pod is ready before
+    an old one goes), which needs room for one more pod on the tier (see `rollout`)."""
     pod_spec = render_pod_spec(flow, stage, placed, successor)
     return {
         "apiVersion": "apps/v1",
@@ -192,8 +258,7 @@ def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successo
             "replicas": stage.replicas,
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": stage_selector(flow.name, stage.name)},
-            # Make-before-break: a new pod must be ready before an old one goes.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "strategy": strategy or {"type": "RollingUpdate", "rollingUpdate": dict(SURGE)},
             "template": {
                 "metadata": {
                     "labels": stage_labels(flow.name, stage.name),
@@ -201,5 +266,22 @@ def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successo
                 },
                 "spec": pod_spec,
             },
+        },
+    }
+
+
+def disruption_budget(deployment: dict) -> dict | None:
+    """A PodDisruptionBudget that lets a drain or an eviction take at most one of the Deployment's
+    pods at a time; None for a single replica (a budget would block every drain of its node)."""
+    if int(deployment["spec"].get("replicas", 1)) <= 1:
+        return None
+    meta = deployment["metadata"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "ownerReferences") if k in meta},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": dict(deployment["spec"]["selector"]["matchLabels"])},
         },
     }
