@@ -305,7 +305,9 @@ class KubeApiHandler(kmock.RawHandler):
         """An object as a client sees it at the requested version: a copy with apiVersion and kind."""
         result = {"apiVersion": rt.group_version, "kind": rt.kind}
         result.update({k: v for k, v in obj.items() if k not in ("apiVersion", "kind")})
-        return copy.deepcopy(result)
+        # Stored objects are plain JSON: a JSON round trip copies them several times faster than
+        # deepcopy, which matters for lists of large objects (managedFields included).
+        return json.loads(json.dumps(result))
 
     # ----------------------------------------------------------------- writes
     def _check_name(self, rt: ResourceType, name: Any) -> None:

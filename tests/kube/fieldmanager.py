@@ -145,9 +145,10 @@ def remove_path(obj: dict, path: Path, schema: Schema) -> None:
 
 
 def merge(live: Any, applied: Any, node: dict, schema: Schema) -> Any:
-    """The live value with the applied one laid over it: objects and map-lists merge, the rest replaces."""
+    """The live value with the applied one laid over it: objects and map-lists merge, the rest replaces.
+    Parts of `live` that the apply does not touch are shared, not copied (callers pass a copy)."""
     if isinstance(applied, dict) and isinstance(live, dict):
-        out = copy.deepcopy(live)
+        out = dict(live)
         for key, value in applied.items():
             out[key] = merge(live.get(key), value, schema.child(node, key), schema)
         return out
@@ -157,9 +158,9 @@ def merge(live: Any, applied: Any, node: dict, schema: Schema) -> Any:
             by_key = {_item_key(item, keys): item for item in live}
             applied_keys = [_item_key(item, keys) for item in applied]
             out = [merge(by_key.get(k), item, schema.items(node), schema) for k, item in zip(applied_keys, applied)]
-            return out + [copy.deepcopy(item) for item in live if _item_key(item, keys) not in applied_keys]
+            return out + [item for item in live if _item_key(item, keys) not in applied_keys]
         if kind == "set":
-            return copy.deepcopy(applied) + [copy.deepcopy(i) for i in live if i not in applied]
+            return copy.deepcopy(applied) + [i for i in live if i not in applied]
     return copy.deepcopy(applied)
 
 

@@ -23,16 +23,20 @@ Fixtures:
   as with metrics-server installed) and `set_node_metrics(name, cpu, memory="0")`, `kubectl(*args, input=None, check=True)`,
   `kubectl_env()`, `wait_for(predicate, timeout=30, message=...)`, `request_log` (list of
   `RequestRecord(method, path, verb, group, version, resource, namespace, name, subresource,
-  user_agent, code)`), `clear_request_log()`, `warnings` (what it could not check, e.g. a CEL rule
+  user_agent, code, label_selector, also)`; `verbs` is the verb and the further verbs RBAC wanted,
+  e.g. create for an apply that created), `clear_request_log()`,
+  `authorize_token(token, tests.kube.rbac.User(...))` (requests with that bearer token are made as
+  that user, under the RBAC objects stored in the server; returns a kubeconfig with the token), `warnings` (what it could not check, e.g. a CEL rule
   cel-python cannot run), and the controller stand-ins: `start_garbage_collector()`,
   `collect_garbage()`, `start_deployment_controller(selector=None, namespace=None)`,
   `mark_deployments_ready(namespace=None, names=None, label_selector=None, ready=True)`.
   `resource` is a plural, kind, short name or `plural.group` ("deployments", "Deployment", "af").
 - `shared_apiserver` (session scope): the same, shared by the tests that opt in (clean up after you).
 - `kubeconfig` (function scope): sets `KUBECONFIG` to the `apiserver`'s kubeconfig; returns its path.
-- `run_kopf_operator(modules_or_paths, namespaces=("default",), clusterwide=False, apiserver=None)`:
-  starts the real kopf operator (in a thread, own event loop, standalone, logged in to `apiserver`,
-  with `KUBECONFIG` pointing at it) and stops it at teardown; returns a `KopfOperator`.
+- `run_kopf_operator(modules_or_paths, namespaces=("default",), clusterwide=False, apiserver=None,
+  token="emulated", kubeconfig=None)`: starts the real kopf operator (in a thread, own event loop,
+  standalone, logged in to `apiserver` with `token`, with `KUBECONFIG` pointing at it, or at
+  `kubeconfig`) and stops it at teardown; returns a `KopfOperator`.
   Handlers that build their own API client must read the path then:
   `kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))` (the kubernetes
   package fixes its default path at import time).

@@ -75,3 +75,43 @@ def test_a_hand_edit_of_an_owned_field_is_put_back_by_a_forced_apply(cluster):
     # The operator's own label is back; a label someone else added is theirs and stays.
     assert labels["aiflow.io/stage"] == "head" and labels["team"] == "ours"
     assert cluster.writes_of_a_full_reconcile("edited", "2") == []
+
+
+def test_objects_written_before_server_side_apply_lose_the_fields_no_longer_rendered(apiserver):
+    """An object a version before server-side apply wrote (create, then merge patches, under the
+    same manager name with operation Update): the first apply upgrades that entry, so a field the
+    old writes set and the spec no longer renders is removed, as for objects applied from the start."""
+    from aiflow.api.cluster import ClusterView
+    from aiflow.api.spec import parse_flow
+    from aiflow.controller.apply import apply_flow, list_owned
+    from aiflow.controller.kube import KubeApi
+    from aiflow.controller.revisions import render_revision
+    from aiflow.planner.placement import resolve_placement
+    from aiflow.render.names import flow_selector
+
+    for tier in ("device", "cloud"):
+        apiserver.seed_node(f"{tier}-1", tier)
+    apiserver.kubectl("apply", "--validate=false", "-f", "crds/aiflow.io_aiflows.yaml")
+    body = apiserver.create(aiflow("old", {**HEAD, "resources": {"limits": {"cpu": "2"}}}, DECODER))
+    api = KubeApi.from_environment(str(apiserver.kubeconfig))
+
+    def objects(manifest):
+        flow = parse_flow(manifest, NS)
+        return render_revision(flow, resolve_placement(flow, ClusterView.every_tier()), 1, 1)
+
+    for obj in objects(body):  # as the old operator did: POST, manager = its User-Agent's name
+        path = f"/apis/apps/v1/namespaces/{NS}/deployments" if obj["kind"] == "Deployment" else f"/api/v1/namespaces/{NS}/services"
+        api.create(path, obj)
+    head = apiserver.get("deployments", "old-head", NS)
+    assert [(e["manager"], e["operation"]) for e in head["metadata"]["managedFields"]] == [("aiflow-operator", "Update")]
+
+    assert container(head)["resources"]["limits"]["cpu"] == "2"
+    body["spec"]["stages"][0].pop("resources")
+    rendered = objects(body)
+    apply_flow(api, rendered, list_owned(api, NS, flow_selector("old")), body["metadata"]["uid"])
+    resources = container(apiserver.get("deployments", "old-head", NS))["resources"]
+    assert "cpu" not in resources.get("limits", {}) and resources == container(rendered[1])["resources"]
+    assert [(e["manager"], e["operation"]) for e in apiserver.get("deployments", "old-head", NS)["metadata"]["managedFields"]] \
+        == [("aiflow-operator", "Apply")]
+    again, _ = apply_flow(api, objects(body), list_owned(api, NS, flow_selector("old")), body["metadata"]["uid"])
+    assert again == []

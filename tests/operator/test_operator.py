@@ -89,7 +89,9 @@ def test_a_spec_change_patches_only_what_changed(cluster):
     for name in ("captioning-head", "captioning-drafter"):
         assert after[name]["metadata"]["resourceVersion"] == before[name]["metadata"]["resourceVersion"]
     cluster.wait_condition("captioning", "Ready", "True")
-    assert cluster.flow("captioning")["status"]["observedGeneration"] == cluster.flow("captioning")["metadata"]["generation"]
+    # The status is written after the objects, by the same reconcile: wait for it, do not race it.
+    cluster.wait(lambda: cluster.flow("captioning")["status"]["observedGeneration"] == cluster.flow("captioning")["metadata"]["generation"],
+                 message="the status of the new generation")
 
 
 def test_removing_a_stage_deletes_its_objects_and_rewires(cluster):
@@ -237,7 +239,7 @@ def test_a_tier_losing_its_nodes_is_reported_and_the_running_stages_are_kept(clu
     assert {n: d["metadata"]["resourceVersion"] for n, d in cluster.children("captioning").items()} == before
     cluster.api.set_node_ready("edge-1", True)
     cluster.wait_condition("captioning", "Ready", "True")
-    assert cluster.condition("captioning", "TiersSchedulable")["status"] == "True"
+    cluster.wait_condition("captioning", "TiersSchedulable", "True")  # written after the objects
 
 
 def test_the_operator_watches_only_its_own_objects_and_the_tier_nodes(cluster):

@@ -110,6 +110,21 @@ def extract(value, fields: dict):
     return value
 
 
+def upgrade_operations(live: dict, manager: str = FIELD_MANAGER) -> list[dict] | None:
+    """A JSON patch that turns the manager's `Update` entry into its `Apply` entry, for an object an
+    operator version before server-side apply wrote (with merge patches, as the same manager name):
+    without it the old entry keeps owning the fields it set, and the first apply that no longer
+    renders one of them would not remove it. None when there is nothing to upgrade."""
+    entries = (live.get("metadata") or {}).get("managedFields") or []
+    if owned_fields(live, manager) is not None:
+        return None
+    for index, entry in enumerate(entries):
+        if entry.get("manager") == manager and entry.get("operation") == "Update" and not entry.get("subresource"):
+            return [{"op": "test", "path": "/metadata/resourceVersion", "value": live["metadata"]["resourceVersion"]},
+                    {"op": "replace", "path": f"/metadata/managedFields/{index}/operation", "value": "Apply"}]
+    return None
+
+
 def unchanged(desired: dict, live: dict, manager: str = FIELD_MANAGER) -> bool:
     """Whether applying `desired` to `live` as `manager` would change nothing."""
     fields = owned_fields(live, manager)
@@ -165,6 +180,9 @@ def apply_flow(api: KubeApi, desired: list[dict], live: dict[tuple[str, str], di
                 raise NameConflict(
                     f"{kind} {name} already exists and does not belong to this flow; delete it "
                     "or rename the flow or the stage")
+        upgrade = upgrade_operations(current) if current is not None else None
+        if upgrade is not None:
+            current = api.json_patch(path, upgrade)
         if current is not None and unchanged(obj, current):
             now[(kind, name)] = current
             continue

@@ -15,6 +15,7 @@ from aiflow import __version__
 
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
+JSON_PATCH = "application/json-patch+json"
 # The one field manager of every object the operator applies (server-side apply).
 FIELD_MANAGER = "aiflow-operator"
 USER_AGENT = f"aiflow-operator/{__version__}"
@@ -131,6 +132,9 @@ class KubeApi:
         owns them too); created when it does not exist."""
         return self.request("PATCH", path, query={"fieldManager": field_manager, "force": "true"},
                             body=body, content_type=APPLY_PATCH)
+
+    def json_patch(self, path: str, operations: list[dict]) -> dict:
+        return self.request("PATCH", path, body=operations, content_type=JSON_PATCH)
 
     def delete(self, path: str) -> None:
         try:
