@@ -63,8 +63,8 @@ def infer(client, url: str, model: str, blobs: Sequence[bytes], timeout_s: float
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    inp = grpcclient.InferInput(TENSORS["image"], [len(blobs)], "BYTES")
-    inp.set_data_from_numpy(np.array(list(blobs), dtype=object))
+    inp = grpcclient.InferInput(TENSORS["image"], [1, len(blobs)], "BYTES")  # one request: batch dimension 1
+    inp.set_data_from_numpy(np.array([list(blobs)], dtype=object))
     outputs = [grpcclient.InferRequestedOutput(n) for n in (TENSORS["caption"], TRACE)]
     start = time.perf_counter()
     try:
@@ -72,7 +72,7 @@ def infer(client, url: str, model: str, blobs: Sequence[bytes], timeout_s: float
     except InferenceServerException as exc:
         raise CaptionError(describe_call_error(exc, model, url, timeout_s, what="stage")) from None
     latency = 1000 * (time.perf_counter() - start)
-    captions = [c.decode() for c in result.as_numpy(TENSORS["caption"])]
+    captions = [c.decode() for c in result.as_numpy(TENSORS["caption"]).reshape(-1)]
     return captions, read_trace(result.as_numpy(TRACE)), latency
 
 
