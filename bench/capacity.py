@@ -1,0 +1,258 @@
+"""Capacity: N cameras at once through one edge and one cloud, serial against concurrent serving.
+
+    nice -n 10 python bench/capacity.py [--cameras 1,2,4,8,16,32] [--window 8] [--scheme split-spec]
+
+The local runtime as `aiflow up` starts it (one tritonserver per tier, emulated links and compute
+factors at their defaults). Every camera has its own device stage: the device model runs one
+Triton instance per camera, without batching (a device serves one camera in real life). All
+cameras share the edge and the cloud. Each camera is a closed loop on its own gRPC channel: one
+PNG, wait for the caption, the next PNG.
+
+Two configurations are measured in the same run, on the same machine:
+- `serial`: what a flow had before: one instance per stage, no batching, no queue bound, and a
+  stage that waits for the next one inside `execute`;
+- `concurrent`: the defaults now: stages free while the next tier works, dynamic batching
+  (no added delay), a queue bound of 64 per stage.
+
+Per N: requests per second, latency p50/p95/p99 at the camera, failed requests (with the first
+error), and per tier its utilisation (busy time of its instances over the window, from Triton's
+compute metric), mean queue time and mean batch; plus the machine's CPU use. Writes
+capacity.csv, capacity.md and capacity.png under --out (default docs/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+from aiflow.controller.stage_metrics import StageSample, parse_triton_metrics
+from aiflow.local.schemes import Conditions, get_scheme, start_runtime, wiring
+from aiflow.serving import SERIAL, Serving
+
+CONFIGS = {"serial": SERIAL, "concurrent": Serving()}
+
+
+def images(count: int = 16, seed: int = 7) -> list[bytes]:
+    from PIL import Image
+
+    from aiflow.model import scenes
+
+    arrays, _ = scenes.make_batch(seed=seed, start=0, count=count, split="heldout")
+    out = []
+    for a in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def scheme_wires(scheme, config: str, cameras: int):
+    """The scheme's loads with `config`'s serving settings; the device stage gets one instance per
+    camera and no batching (its forward mode follows the configuration)."""
+    serving = CONFIGS[config]
+    device = replace(SERIAL, instances=cameras, forward=serving.forward)
+    wires = []
+    for w in wiring(scheme):
+        knobs = (device if w.tier == "device" else serving).knobs()
+        wires.append(replace(w, parameters={**w.parameters, **knobs}))
+    return wires
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def read_samples(flow, scheme) -> dict[str, StageSample]:
+    out = {}
+    for p in scheme.chain:
+        with urllib.request.urlopen(flow.state["tiers"][p.tier]["metrics"], timeout=5) as r:  # noqa: S310 (loopback)
+            out[p.tier] = parse_triton_metrics(r.read().decode(), p.model)
+    return out
+
+
+def camera_loop(url: str, model: str, blobs: list[bytes], offset: int, stop_at: float, window: tuple[float, float], out: list, timeout_s: float):
+    from aiflow.local.client import CaptionError, infer
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    i = offset
+    try:
+        while time.monotonic() < stop_at:
+            start = time.monotonic()
+            try:
+                infer(client, url, model, [blobs[i % len(blobs)]], timeout_s)
+                error = ""
+            except CaptionError as exc:
+                error = str(exc)
+            end = time.monotonic()
+            if window[0] <= start and end <= window[1]:
+                out.append((1000 * (end - start), error))
+            if error:
+                time.sleep(0.05)  # a camera backs off a little after an error
+            i += 1
+    finally:
+        client.close()
+
+
+def measure(flow, scheme, config: str, cameras: int, blobs, warmup: float, window: float, timeout_s: float) -> dict:
+    url = flow.entry_address(scheme)
+    now = time.monotonic()
+    win = (now + warmup, now + warmup + window)
+    results: list = []
+    threads = [
+        threading.Thread(target=camera_loop, args=(url, scheme.entry.model, blobs, k, win[1], win, results, timeout_s), daemon=True)
+        for k in range(cameras)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(max(0.0, win[0] - time.monotonic()))
+    before, cpu0 = read_samples(flow, scheme), cpu_times()
+    time.sleep(max(0.0, win[1] - time.monotonic()))
+    after, cpu1 = read_samples(flow, scheme), cpu_times()
+    for t in threads:
+        t.join(timeout=timeout_s + 5)
+    ok = sorted(ms for ms, err in results if not err)
+    errors = [err for _, err in results if err]
+    row = {
+        "config": config,
+        "cameras": cameras,
+        "throughput_rps": round(len(ok) / window, 2),
+        "p50_ms": _pct(ok, 50),
+        "p95_ms": _pct(ok, 95),
+        "p99_ms": _pct(ok, 99),
+        "ok": len(ok),
+        "failed": len(errors),
+        "overloaded": sum("overloaded" in e for e in errors),
+        "cpu_percent": round(100 * (cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1), 1),
+    }
+    serving = CONFIGS[config]
+    for p in scheme.chain:
+        a, b = before[p.tier], after[p.tier]
+        instances = cameras if p.tier == "device" else serving.instances
+        done = max(b.success - a.success, 1.0)
+        row[f"{p.tier}_util"] = round((b.compute_us - a.compute_us) / 1e6 / window / instances, 3)
+        row[f"{p.tier}_queue_ms"] = round((b.queue_us - a.queue_us) / 1e3 / done, 1)
+        row[f"{p.tier}_batch"] = round(done / max(b.executions - a.executions, 1.0), 2)
+    row["first_error"] = errors[0][:200] if errors else ""
+    return row
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return round(values[0], 1)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 1)
+
+
+def run(cameras: list[int], scheme_name: str, warmup: float, window: float, timeout_s: float) -> list[dict]:
+    scheme = get_scheme(scheme_name)
+    blobs = images()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="aiflow-capacity-") as tmp:
+        runtime, flow = start_runtime(Conditions(), wires=[], state_path=Path(tmp) / "state")
+        try:
+            for config in CONFIGS:
+                flow.apply(scheme_wires(scheme, config, max(cameras)))
+                for n in cameras:
+                    row = measure(flow, scheme, config, n, blobs, warmup, window, timeout_s)
+                    rows.append(row)
+                    print(_line(row, scheme), flush=True)
+        finally:
+            runtime.stop()
+    return rows
+
+
+def _line(r: dict, scheme) -> str:
+    tiers = " ".join(
+        f"{p.tier} {100 * r[f'{p.tier}_util']:.0f}%/q{r[f'{p.tier}_queue_ms']:.0f}ms/b{r[f'{p.tier}_batch']:g}" for p in scheme.chain
+    )
+    return (f"{r['config']:<10} N={r['cameras']:<3} {r['throughput_rps']:6.2f} req/s  p50 {r['p50_ms']:7.0f}  p95 {r['p95_ms']:7.0f}  "
+            f"p99 {r['p99_ms']:7.0f} ms  failed {r['failed']}  cpu {r['cpu_percent']:.0f}%  {tiers}")
+
+
+def table(rows: list[dict], scheme) -> list[str]:
+    tiers = [p.tier for p in scheme.chain]
+    head = ["config", "cameras", "req/s", "p50 ms", "p95 ms", "p99 ms", "failed", "CPU %"]
+    head += [f"{t} util / queue ms / batch" for t in tiers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["config"], r["cameras"], f"{r['throughput_rps']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}",
+                 f"{r['p99_ms']:.0f}", r["failed"], f"{r['cpu_percent']:.0f}"]
+        cells += [f"{100 * r[f'{t}_util']:.0f}% / {r[f'{t}_queue_ms']:.0f} / {r[f'{t}_batch']:g}" for t in tiers]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
+def write(rows: list[dict], scheme, out: Path, args) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "capacity.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = (f"Scheme {scheme.name}, `aiflow up` conditions (compute factors device 8x, edge 2x, cloud 1x; "
+              f"links 2/20 Mbit/s 20 ms, 50/200 Mbit/s 40 ms), closed-loop cameras, {args.warmup:g} s warm-up "
+              f"then a {args.window:g} s window per row, on this machine ({_cores()} cores).")
+    (out / "capacity.md").write_text("\n".join([header, "", *table(rows, scheme), ""]))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for config in CONFIGS:
+        mine = [r for r in rows if r["config"] == config]
+        n = [r["cameras"] for r in mine]
+        ax1.plot(n, [r["throughput_rps"] for r in mine], marker="o", label=config)
+        ax2.plot(n, [r["p95_ms"] for r in mine], marker="o", label=f"{config} p95")
+        ax2.plot(n, [r["p50_ms"] for r in mine], marker=".", linestyle="--", label=f"{config} p50")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cameras")
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("captions per second")
+    ax2.set_ylabel("latency at the camera (ms)")
+    ax2.set_yscale("log")
+    fig.suptitle(f"{scheme.name}: one edge and one cloud shared by N cameras")
+    fig.tight_layout()
+    fig.savefig(out / "capacity.png", dpi=120)
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cameras", default="1,2,4,8,16,32", help="camera counts, comma-separated")
+    ap.add_argument("--scheme", default="split-spec")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds before each window")
+    ap.add_argument("--window", type=float, default=8.0, help="seconds measured per row")
+    ap.add_argument("--timeout", type=float, default=60.0, help="a camera's request timeout, seconds")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
+    args = ap.parse_args(argv)
+    cameras = sorted({int(x) for x in args.cameras.split(",")})
+    if not cameras or cameras[0] < 1:
+        ap.error("--cameras: positive integers, e.g. 1,2,4")
+    scheme = get_scheme(args.scheme)
+    rows = run(cameras, args.scheme, args.warmup, args.window, args.timeout)
+    print("\n".join(table(rows, scheme)))
+    write(rows, scheme, args.out, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
