@@ -58,14 +58,6 @@ class Serving:
             "AIFLOW_FORWARD": self.forward,
         }
 
-    def apply(self, config: dict) -> dict:
-        """A Triton model config (its JSON form, as the load API takes it) with these settings."""
-        out = apply_parameters(config, self.knobs())
-        params = dict(out.get("parameters") or {})
-        params.update({k: {"string_value": v} for k, v in self.knobs().items()})
-        out["parameters"] = params
-        return out
-
 
 # Knobs that Triton itself reads from the model config (the others reach the stage's Python code).
 TRITON_KNOBS = {
