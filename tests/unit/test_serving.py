@@ -111,3 +111,37 @@ def test_the_caption_client_retries_an_overloaded_replica_on_the_next():
     with pytest.raises(CaptionError, match="image 0 is empty"):
         infer_any([(broken, "a:1"), (free, "b:1")], "vision_head", [b"png"])
     assert free.calls == 1  # a bad request is not retried elsewhere
+
+
+def test_the_crd_checks_serving_and_autoscaling_fields():
+    from aiflow.api.validate import validate_manifest
+    from tests.unit.test_render import serving_manifest
+
+    doc = serving_manifest()
+    assert validate_manifest(doc) == []
+    doc["spec"]["stages"][1]["serving"].update(batch=3, maxBatchSize=0)
+    doc["spec"]["stages"][1]["autoscaling"] = {"minReplicas": 2}
+    found = " ".join(str(p) for p in validate_manifest(doc))
+    assert "'batch' was unexpected" in found
+    assert "serving.maxBatchSize: 0 is too small" in found
+    assert "maxReplicas" in found
+
+
+def test_measured_stage_load_makes_the_tier_busy_for_the_planner():
+    from aiflow.api.spec import parse_flow
+    from aiflow.controller.reconcile import with_stage_load
+    from aiflow.controller.stage_metrics import StageSample, stage_times
+    from aiflow.planner.cluster import TierState, cluster_state
+    from tests.unit.test_render import serving_manifest
+
+    before = StageSample(success=10, executions=5, compute_us=1e6, at=100.0)
+    after = StageSample(success=30, executions=10, compute_us=4e6, at=102.0)
+    times = stage_times(before, after)
+    assert times.busy == pytest.approx(1.5)  # 3 s of compute in 2 s: more than one instance busy
+    assert times.to_status("drafter")["busy"] == 1.5
+    assert stage_times(None, after).busy is None  # no interval to divide by
+    flow = parse_flow(serving_manifest())  # the drafter runs 2 instances on the edge
+    state = cluster_state([TierState(t, 1, 1) for t in ("device", "edge", "cloud")])
+    loaded = with_stage_load(state, flow, (("head", "device"), ("drafter", "edge"), ("verifier", "cloud")), (("drafter", times),))
+    assert loaded.tier("edge").busy == pytest.approx(0.75)
+    assert loaded.tier("cloud").busy == 0 and loaded.tier("device").busy == 0

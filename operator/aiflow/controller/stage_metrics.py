@@ -9,9 +9,10 @@ flow's end-to-end latency minus the client's own call. `read_stage_metrics` does
 from __future__ import annotations
 
 import math
+import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -39,6 +40,7 @@ class StageSample:
     request_us: float = 0.0
     queue_us: float = 0.0
     compute_us: float = 0.0
+    at: float = 0.0  # when it was read (epoch seconds); 0: unknown
 
 
 class StageMetricsError(ValueError):
@@ -77,10 +79,14 @@ class StageTimes:
     request_ms: float  # receipt to reply (includes the calls to later stages)
     queue_ms: float
     compute_ms: float  # per model execution
+    busy: float | None = None  # share of the time between the readings its instances computed
 
     def to_status(self, stage: str) -> dict:
-        return {"stage": stage, "requests": int(self.requests), "requestMs": round(self.request_ms, 3),
-                "queueMs": round(self.queue_ms, 3), "computeMs": round(self.compute_ms, 3)}
+        out = {"stage": stage, "requests": int(self.requests), "requestMs": round(self.request_ms, 3),
+               "queueMs": round(self.queue_ms, 3), "computeMs": round(self.compute_ms, 3)}
+        if self.busy is not None:
+            out["busy"] = round(self.busy, 4)
+        return out
 
 
 def stage_times(previous: StageSample | None, current: StageSample) -> StageTimes | None:
@@ -93,9 +99,13 @@ def stage_times(previous: StageSample | None, current: StageSample) -> StageTime
     if done <= 0:
         return None
     executions = max(current.executions - base.executions, 1.0)
+    busy = None
+    if base is previous and previous.at > 0 and current.at > previous.at:
+        # compute time summed over the model's instances: a share above 1 means several were busy
+        busy = (current.compute_us - base.compute_us) / 1e6 / (current.at - previous.at)
     return StageTimes(done, (current.request_us - base.request_us) / done / 1e3,
                       (current.queue_us - base.queue_us) / done / 1e3,
-                      (current.compute_us - base.compute_us) / executions / 1e3)
+                      (current.compute_us - base.compute_us) / executions / 1e3, busy)
 
 
 def metrics_url(host: str, port: int = METRICS_PORT) -> str:
@@ -109,4 +119,4 @@ def read_stage_metrics(url: str, model: str, timeout: float = READ_TIMEOUT) -> S
             text = response.read(4 << 20).decode("utf-8", "replace")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise StageMetricsError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
-    return parse_triton_metrics(text, model)
+    return replace(parse_triton_metrics(text, model), at=time.time())
