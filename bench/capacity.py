@@ -3,10 +3,12 @@
     nice -n 10 python bench/capacity.py [--cameras 1,2,4,8,16,32] [--window 8] [--scheme split-spec]
 
 The local runtime as `aiflow up` starts it (one tritonserver per tier, emulated links and compute
-factors at their defaults). Every camera has its own device stage: the device model runs one
-Triton instance per camera, without batching (a device serves one camera in real life). All
-cameras share the edge and the cloud. Each camera is a closed loop on its own gRPC channel: one
-PNG, wait for the caption, the next PNG.
+factors at their defaults). Every camera has its own device stage, as a device serves one camera in
+real life: the camera runs the scheme's device model in its own thread (the same `aiflow.stage`
+logic, real compute on this machine's cores plus the device's emulated slowdown; 32 Triton
+instances would load for minutes here), and sends its output through the device->edge link to the
+shared edge over its own gRPC channel. All cameras share the edge and the cloud. Each camera is a
+closed loop: one PNG, wait for the caption, the next PNG.
 
 Two configurations are measured in the same run, on the same machine:
 - `serial`: what a flow had before: one instance per stage, no batching, no queue bound, and a
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import statistics
 import tempfile
 import threading
@@ -54,16 +57,25 @@ def images(count: int = 16, seed: int = 7) -> list[bytes]:
     return out
 
 
-def scheme_wires(scheme, config: str, cameras: int):
-    """The scheme's loads with `config`'s serving settings; the device stage gets one instance per
-    camera and no batching (its forward mode follows the configuration)."""
-    serving = CONFIGS[config]
-    device = replace(SERIAL, instances=cameras, forward=serving.forward)
-    wires = []
-    for w in wiring(scheme):
-        knobs = (device if w.tier == "device" else serving).knobs()
-        wires.append(replace(w, parameters={**w.parameters, **knobs}))
-    return wires
+def scheme_wires(scheme, config: str):
+    """The scheme's loads on the shared tiers, with `config`'s serving settings."""
+    knobs = CONFIGS[config].knobs()
+    return [replace(w, parameters={**w.parameters, **knobs}) for w in wiring(scheme) if w.tier != "device"]
+
+
+def device_stage(flow, scheme, family, timeout_s: float):
+    """A camera's own device stage: the scheme's first model, configured as the runtime would load
+    it on the device, forwarding to the edge through the device->edge link."""
+    from aiflow.local.tritonserver import model_config_json
+    from aiflow.stage.config import stage_config
+    from aiflow.stage.logic import Stage
+    from aiflow.stage.triton import model_parameters
+
+    (w,) = [w for w in wiring(scheme) if w.tier == "device"]
+    params = {**flow.wanted_parameters(w), "AIFLOW_COMPUTE_FACTOR": f"{flow.state['tiers']['device']['compute_factor']:g}",
+              "AIFLOW_TIMEOUT_S": f"{timeout_s:g}"}
+    config = json.loads(model_config_json(Path(flow.state["model_repo"]) / w.model, params, name=w.model))
+    return Stage(stage_config(w.model, model_parameters(config), {}), family)
 
 
 def cpu_times() -> tuple[float, float]:
@@ -75,43 +87,46 @@ def cpu_times() -> tuple[float, float]:
 
 def read_samples(flow, scheme) -> dict[str, StageSample]:
     out = {}
-    for p in scheme.chain:
+    for p in scheme.chain[1:]:
         with urllib.request.urlopen(flow.state["tiers"][p.tier]["metrics"], timeout=5) as r:  # noqa: S310 (loopback)
             out[p.tier] = parse_triton_metrics(r.read().decode(), p.model)
     return out
 
 
-def camera_loop(url: str, model: str, blobs: list[bytes], offset: int, stop_at: float, window: tuple[float, float], out: list, timeout_s: float):
-    from aiflow.local.client import CaptionError, infer
-    import tritonclient.grpc as grpcclient
+def camera_loop(stage, blobs: list[bytes], offset: int, stop_at: float, window: tuple[float, float], out: list):
+    """One camera: its device stage computes, forwards to the edge and waits for the caption."""
+    import numpy as np
 
-    client = grpcclient.InferenceServerClient(url)
+    from aiflow.stage.config import StageError
+
     i = offset
     try:
         while time.monotonic() < stop_at:
             start = time.monotonic()
+            device_ms = 0.0
             try:
-                infer(client, url, model, [blobs[i % len(blobs)]], timeout_s)
-                error = ""
-            except CaptionError as exc:
+                reply = stage.run({"IMAGE": np.array([blobs[i % len(blobs)]], dtype=object)})
+                hop = json.loads(bytes(reply["TRACE"][0]))[0]
+                device_ms, error = hop["compute_ms"] + hop["emulated_ms"], ""
+            except StageError as exc:
                 error = str(exc)
             end = time.monotonic()
             if window[0] <= start and end <= window[1]:
-                out.append((1000 * (end - start), error))
+                out.append((1000 * (end - start), error, device_ms))
             if error:
                 time.sleep(0.05)  # a camera backs off a little after an error
             i += 1
     finally:
-        client.close()
+        stage.close()
 
 
-def measure(flow, scheme, config: str, cameras: int, blobs, warmup: float, window: float, timeout_s: float) -> dict:
-    url = flow.entry_address(scheme)
+def measure(flow, scheme, family, config: str, cameras: int, blobs, warmup: float, window: float, timeout_s: float) -> dict:
+    stages = [device_stage(flow, scheme, family, timeout_s) for _ in range(cameras)]
     now = time.monotonic()
     win = (now + warmup, now + warmup + window)
     results: list = []
     threads = [
-        threading.Thread(target=camera_loop, args=(url, scheme.entry.model, blobs, k, win[1], win, results, timeout_s), daemon=True)
+        threading.Thread(target=camera_loop, args=(stages[k], blobs, k, win[1], win, results), daemon=True)
         for k in range(cameras)
     ]
     for t in threads:
@@ -122,8 +137,8 @@ def measure(flow, scheme, config: str, cameras: int, blobs, warmup: float, windo
     after, cpu1 = read_samples(flow, scheme), cpu_times()
     for t in threads:
         t.join(timeout=timeout_s + 5)
-    ok = sorted(ms for ms, err in results if not err)
-    errors = [err for _, err in results if err]
+    ok = sorted(ms for ms, err, _ in results if not err)
+    errors = [err for _, err, _ in results if err]
     row = {
         "config": config,
         "cameras": cameras,
@@ -137,11 +152,16 @@ def measure(flow, scheme, config: str, cameras: int, blobs, warmup: float, windo
         "cpu_percent": round(100 * (cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1), 1),
     }
     serving = CONFIGS[config]
-    for p in scheme.chain:
+    device = scheme.chain[0].tier
+    row[f"{device}_util"] = round(sum(d for _, _, d in results) / 1e3 / window / cameras, 3)
+    row[f"{device}_queue_ms"], row[f"{device}_batch"] = 0.0, 1.0  # its own camera's only
+    for p in scheme.chain[1:]:
         a, b = before[p.tier], after[p.tier]
-        instances = cameras if p.tier == "device" else serving.instances
+        instances = serving.instances
         done = max(b.success - a.success, 1.0)
-        row[f"{p.tier}_util"] = round((b.compute_us - a.compute_us) / 1e6 / window / instances, 3)
+        executions = max(b.executions - a.executions, 1.0)
+        # Triton charges each request of a batch the batch's compute: per execution it is busy time
+        row[f"{p.tier}_util"] = round((b.compute_us - a.compute_us) / done * executions / 1e6 / window / instances, 3)
         row[f"{p.tier}_queue_ms"] = round((b.queue_us - a.queue_us) / 1e3 / done, 1)
         row[f"{p.tier}_batch"] = round(done / max(b.executions - a.executions, 1.0), 2)
     row["first_error"] = errors[0][:200] if errors else ""
@@ -157,16 +177,29 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(cameras: list[int], scheme_name: str, warmup: float, window: float, timeout_s: float) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from aiflow.model.family import load_family
+
+    torch.set_num_threads(1)  # as a stage instance: one thread
     scheme = get_scheme(scheme_name)
+    if scheme.chain[0].tier != "device" or len(scheme.chain) < 2:
+        raise SystemExit(f"--scheme {scheme_name}: choose a scheme that starts on the device and goes on (split, split-spec)")
+    family = load_family()
     blobs = images()
     rows = []
     with tempfile.TemporaryDirectory(prefix="aiflow-capacity-") as tmp:
         runtime, flow = start_runtime(Conditions(), wires=[], state_path=Path(tmp) / "state")
         try:
             for config in CONFIGS:
-                flow.apply(scheme_wires(scheme, config, max(cameras)))
+                flow.apply(scheme_wires(scheme, config))
+                warm = device_stage(flow, scheme, family, timeout_s)
+                for blob in blobs[:3]:  # the first calls after a load are slow (torch warms up)
+                    warm.run({"IMAGE": np.array([blob], dtype=object)})
+                warm.close()
                 for n in cameras:
-                    row = measure(flow, scheme, config, n, blobs, warmup, window, timeout_s)
+                    row = measure(flow, scheme, family, config, n, blobs, warmup, window, timeout_s)
                     rows.append(row)
                     print(_line(row, scheme), flush=True)
         finally:

@@ -137,11 +137,31 @@ def test_measured_stage_load_makes_the_tier_busy_for_the_planner():
     before = StageSample(success=10, executions=5, compute_us=1e6, at=100.0)
     after = StageSample(success=30, executions=10, compute_us=4e6, at=102.0)
     times = stage_times(before, after)
-    assert times.busy == pytest.approx(1.5)  # 3 s of compute in 2 s: more than one instance busy
-    assert times.to_status("drafter")["busy"] == 1.5
+    # 3 s charged to 20 requests in 5 executions (batches of 4): 0.75 s busy in 2 s
+    assert times.busy == pytest.approx(0.375)
+    assert times.to_status("drafter")["busy"] == 0.375
     assert stage_times(None, after).busy is None  # no interval to divide by
     flow = parse_flow(serving_manifest())  # the drafter runs 2 instances on the edge
     state = cluster_state([TierState(t, 1, 1) for t in ("device", "edge", "cloud")])
     loaded = with_stage_load(state, flow, (("head", "device"), ("drafter", "edge"), ("verifier", "cloud")), (("drafter", times),))
-    assert loaded.tier("edge").busy == pytest.approx(0.75)
+    assert loaded.tier("edge").busy == pytest.approx(0.1875)
     assert loaded.tier("cloud").busy == 0 and loaded.tier("device").busy == 0
+
+
+def test_the_stages_own_request_time_is_preferred_to_tritons():
+    """With the forward async, Triton's request duration ends when execute returns; the stage's own
+    counters say when it really answered."""
+    from aiflow.controller.stage_metrics import parse_triton_metrics, stage_times
+
+    triton = (
+        'nv_inference_request_success{model="vision_head",version="1"} 4\n'
+        'nv_inference_exec_count{model="vision_head",version="1"} 4\n'
+        'nv_inference_request_duration_us{model="vision_head",version="1"} 32000\n'
+        'nv_inference_queue_duration_us{model="vision_head",version="1"} 400\n'
+        'nv_inference_compute_infer_duration_us{model="vision_head",version="1"} 30000\n'
+    )
+    own = ('aiflow_request_duration_us{model="vision_head"} 580000\n'
+           'aiflow_request_success{model="vision_head"} 4\n'
+           'aiflow_request_duration_us{model="other"} 1\n')
+    assert stage_times(None, parse_triton_metrics(triton, "vision_head")).request_ms == pytest.approx(8.0)
+    assert stage_times(None, parse_triton_metrics(triton + own, "vision_head")).request_ms == pytest.approx(145.0)

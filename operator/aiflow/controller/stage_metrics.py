@@ -28,6 +28,9 @@ _FIELDS = {
     "nv_inference_queue_duration_us": "queue_us",
     "nv_inference_compute_infer_duration_us": "compute_us",
 }
+# A stage that answers after its next stage did (aiflow.stage.triton, forward async) counts its
+# receipt-to-reply time itself: Triton's request duration ends when execute returns. Preferred.
+_STAGE_FIELDS = {"aiflow_request_duration_us": "request_us", "aiflow_request_success": "replied"}
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,16 @@ def parse_triton_metrics(text: str, model: str) -> StageSample:
     """The counters of `model` in Triton's metrics text. Raises StageMetricsError when the text is
     not Prometheus text, has no sample of the model, or holds a negative or non-finite counter."""
     values = dict.fromkeys(_FIELDS.values(), 0.0)
-    seen = False
+    own = dict.fromkeys(_STAGE_FIELDS.values(), 0.0)
+    seen = own_seen = False
     try:
         for family in text_string_to_metric_families(text):
+            if family.name in _STAGE_FIELDS:
+                for sample in family.samples:
+                    if sample.labels.get("model") == model and math.isfinite(sample.value) and sample.value >= 0:
+                        own[_STAGE_FIELDS[family.name]] += sample.value
+                        own_seen = True
+                continue
             key = _FIELDS.get(family.name)  # the parser names counter samples <family>_total
             for sample in family.samples if key else ():
                 if sample.name not in (family.name, f"{family.name}_total") or sample.labels.get("model") != model:
@@ -68,6 +78,8 @@ def parse_triton_metrics(text: str, model: str) -> StageSample:
         raise StageMetricsError(f"not Prometheus metrics text: {exc}") from exc
     if not seen:
         raise StageMetricsError(f"no nv_inference_* samples of model {model!r}")
+    if own_seen and own["replied"] > 0:  # the mean over the stage's own count of answered requests
+        values["request_us"] = own["request_us"] * values["success"] / own["replied"]
     return StageSample(**values)
 
 
@@ -101,8 +113,9 @@ def stage_times(previous: StageSample | None, current: StageSample) -> StageTime
     executions = max(current.executions - base.executions, 1.0)
     busy = None
     if base is previous and previous.at > 0 and current.at > previous.at:
-        # compute time summed over the model's instances: a share above 1 means several were busy
-        busy = (current.compute_us - base.compute_us) / 1e6 / (current.at - previous.at)
+        # Triton charges every request of a batch the batch's compute: per execution it is the
+        # instance's busy time. Summed over the model's instances: above 1 means several were busy.
+        busy = (current.compute_us - base.compute_us) / done * executions / 1e6 / (current.at - previous.at)
     return StageTimes(done, (current.request_us - base.request_us) / done / 1e3,
                       (current.queue_us - base.queue_us) / done / 1e3,
                       (current.compute_us - base.compute_us) / executions / 1e3, busy)

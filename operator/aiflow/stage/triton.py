@@ -7,6 +7,11 @@ the instance is free for the next batch while the tiers after it work, and each 
 response goes back through its response sender when the next stage answers (a non-decoupled
 model may answer this way, once per request). With `forward: sync` (the serial configuration)
 `execute` waits for the next stage and returns the responses itself.
+
+Triton's own request duration then ends when `execute` returns, before the next stage answered:
+the stage counts receipt-to-reply itself, in the counters `aiflow_request_duration_us` and
+`aiflow_request_success` (Python backend custom metrics, on the same /metrics port), which
+`aiflow.controller.stage_metrics` prefers.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def triton_model(pb_utils) -> type:
         def initialize(self, args):
             self.stage = load_stage(args, os.environ)
             self.batched = int(json.loads(args["model_config"]).get("max_batch_size") or 0) > 0
+            self.stage.replied = request_counters(pb_utils, args.get("model_name") or self.stage.config.model)
 
         def execute(self, requests):
             return serve(self.stage, requests, pb_utils, self.batched)
@@ -62,6 +68,30 @@ def triton_model(pb_utils) -> type:
             self.stage.close()
 
     return TritonPythonModel
+
+
+def request_counters(pb_utils, model: str):
+    """A callback counting one answered request and its receipt-to-reply microseconds in Triton's
+    metrics (labelled with the model, like Triton's own); a no-op where custom metrics are missing."""
+    family = getattr(pb_utils, "MetricFamily", None)
+    if family is None:
+        return lambda us: None
+    # A family must outlive its metrics: the callback holds both.
+    families = (family(name="aiflow_request_duration_us", description="receipt to reply, next stages included", kind=family.COUNTER),
+                family(name="aiflow_request_success", description="requests answered", kind=family.COUNTER))
+    duration, success = (f.Metric(labels={"model": model}) for f in families)
+
+    def count(us: float, _families=families) -> None:
+        duration.increment(us)
+        success.increment(1)
+
+    return count
+
+
+def _replied(stage: Stage, pending: Pending | None) -> None:
+    count = getattr(stage, "replied", None)
+    if count is not None and pending is not None:
+        count(1e6 * (time.perf_counter() - pending.start))
 
 
 def serve(stage: Stage, requests, pb_utils, batched: bool = False) -> list | None:
@@ -100,12 +130,16 @@ def serve(stage: Stage, requests, pb_utils, batched: bool = False) -> list | Non
         else:
             responses[i] = request.get_response_sender()
             stage.forward.submit(_forward_and_send(stage, p, responses[i], pb_utils, batched))
+    answered = [(r, p) for r, p in zip(responses, pendings) if isinstance(r, pb_utils.InferenceResponse)]
     if not asynchronous:
+        for _, p in answered:
+            _replied(stage, p)
         return responses
     # Every request answers through its sender: those already answered (errors, last stage) now.
-    for request, response in zip(requests, responses):
+    for request, response, p in zip(requests, responses, pendings):
         if isinstance(response, pb_utils.InferenceResponse):
             request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            _replied(stage, p)
     return None
 
 
@@ -119,6 +153,7 @@ async def _forward_and_send(stage: Stage, pending: Pending, sender, pb_utils, ba
     except Exception as exc:
         response = _error_response(pb_utils, stage, exc)
     sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    _replied(stage, pending)
 
 
 def _unbatch(value: np.ndarray, name: str, stage: str) -> np.ndarray:
