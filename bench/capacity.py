@@ -25,16 +25,21 @@ capacity.csv, capacity.md and capacity.png under --out (default docs/results).
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/<name>.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_csv
 
 from aiflow.controller.stage_metrics import StageSample, parse_triton_metrics
 from aiflow.local.schemes import Conditions, get_scheme, start_runtime, wiring
@@ -229,11 +234,7 @@ def table(rows: list[dict], scheme) -> list[str]:
 
 
 def write(rows: list[dict], scheme, out: Path, args) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "capacity.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "capacity.csv", rows)
     header = (f"Scheme {scheme.name}, `aiflow up` conditions (compute factors device 8x, edge 2x, cloud 1x; "
               f"links 2/20 Mbit/s 20 ms, 50/200 Mbit/s 40 ms), closed-loop cameras, {args.warmup:g} s warm-up "
               f"then a {args.window:g} s window per row, on this machine ({_cores()} cores).")
