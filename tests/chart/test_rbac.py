@@ -30,10 +30,6 @@ ALLOWANCES = {
         "admission runs (e.g. OpenShift); the emulated server does not enforce it",
     ("metrics.k8s.io", "nodes", "get"): "node usage for placement, read only when metrics-server is installed",
     ("metrics.k8s.io", "nodes", "list"): "node usage for placement, read only when metrics-server is installed",
-    ("autoscaling", "horizontalpodautoscalers", "get"):
-        "read when creating an autoscaler finds one already there (the run shows it for Deployments)",
-    ("autoscaling", "horizontalpodautoscalers", "patch"):
-        "a changed spec.stages[].autoscaling (the run shows patches of Deployments and Services)",
     ("autoscaling", "horizontalpodautoscalers", "delete"):
         "autoscaling removed from a stage that stays (the run deletes the flow, whose autoscaler garbage collection removes)",
 }

@@ -122,7 +122,7 @@ def test_the_crd_checks_serving_and_autoscaling_fields():
     doc["spec"]["stages"][1]["serving"].update(batch=3, maxBatchSize=0)
     doc["spec"]["stages"][1]["autoscaling"] = {"minReplicas": 2}
     found = " ".join(str(p) for p in validate_manifest(doc))
-    assert "'batch' was unexpected" in found
+    assert 'unknown field "spec.stages[1].serving.batch"' in found
     assert "serving.maxBatchSize: 0 is too small" in found
     assert "maxReplicas" in found
 
