@@ -3,7 +3,10 @@
 `parse_triton_metrics` (pure) reads the Prometheus text with `prometheus_client.parser`;
 `stage_times` turns two readings of a stage into its mean request, queue and compute times between
 them. The first stage calls every later one and waits for its answer, so its request time is the
-flow's end-to-end latency minus the client's own call. `read_stage_metrics` does the HTTP.
+flow's end-to-end latency minus the client's own call: the stage's own receipt-to-reply counters
+(`aiflow_request_duration_us`), as Triton's request duration ends when a stage hands a request on
+to the next one. Busy time is the compute per execution (Triton charges each request of a batch
+the batch's compute). `read_stage_metrics` does the HTTP.
 """
 
 from __future__ import annotations
