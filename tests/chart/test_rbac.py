@@ -30,6 +30,8 @@ ALLOWANCES = {
         "admission runs (e.g. OpenShift); the emulated server does not enforce it",
     ("metrics.k8s.io", "nodes", "get"): "node usage for placement, read only when metrics-server is installed",
     ("metrics.k8s.io", "nodes", "list"): "node usage for placement, read only when metrics-server is installed",
+    ("autoscaling", "horizontalpodautoscalers", "delete"):
+        "autoscaling removed from a stage that stays (the run deletes the flow, whose autoscaler garbage collection removes)",
 }
 
 
@@ -131,7 +133,8 @@ def recorded_run(request, chart, apiserver, run_kopf_operator, garbage_collector
     head = flow["spec"]["stages"][0]
     squat(apiserver, "Service", object_name(FLOW, "decoder"))
     apiserver.kubectl("patch", "aiflow", FLOW, "--type=merge", "-p",
-                      '{"spec":{"stages":[%s,{"name":"decoder","model":"caption_decoder","tier":"cloud"}]}}'
+                      '{"spec":{"stages":[%s,{"name":"decoder","model":"caption_decoder","tier":"cloud",'
+                      '"autoscaling":{"maxReplicas":3}}]}}'
                       % json.dumps(head))
     apiserver.wait_for(lambda: reason(apiserver.get("aiflows", FLOW, "default")) == "NameConflict",
                        timeout=60, message="the changed flow to report the name conflict")

@@ -65,10 +65,10 @@ def in_process(scheme, family, model_repo):
 def infer(url, model, name, array, datatype):
     client = grpcclient.InferenceServerClient(url)
     try:
-        inp = grpcclient.InferInput(name, list(array.shape), datatype)
-        inp.set_data_from_numpy(array)
+        inp = grpcclient.InferInput(name, [1, *array.shape], datatype)  # one request: batch dimension 1
+        inp.set_data_from_numpy(array[None])
         result = client.infer(model, [inp], client_timeout=120)
-        return [c.decode() for c in result.as_numpy("CAPTION")]
+        return [c.decode() for c in result.as_numpy("CAPTION").reshape(-1)]
     finally:
         client.close()
 

@@ -106,3 +106,31 @@ def test_feature_bytes_formula_matches_the_wire_format(spec):
     assert len(wire.encode(3, hidden, codec, positions=positions)) == PROFILE.feature_bytes(3, spec)
     with_drafts = len(wire.encode(3, hidden, codec, positions=positions, drafts=drafts))
     assert with_drafts == PROFILE.feature_bytes(3, spec) + PROFILE.draft_bytes
+
+
+# ---- queueing at a shared tier --------------------------------------------------------------------
+
+
+def test_a_busy_tier_adds_queueing_rho_over_one_minus_rho_of_the_stage_compute():
+    idle = evaluate(problem("captioner"), Candidate(("edge",), None, None))
+    busy_cluster = cluster_state([TIERS3[0], TierState("edge", 1, 1, compute_factor=1.0, busy=0.75), TIERS3[2]], observed_links=LINKS)
+    busy = evaluate(Problem(problem("captioner").flow, busy_cluster, PROFILE), Candidate(("edge",), None, None))
+    (stage_idle,), (stage_busy,) = idle.stages, busy.stages
+    assert stage_idle.queue_ms == 0
+    assert stage_busy.queue_ms == pytest.approx(stage_idle.ms * 0.75 / 0.25)
+    assert stage_busy.ms == pytest.approx(stage_idle.ms + stage_busy.queue_ms)
+    assert busy.latency_ms == pytest.approx(idle.latency_ms + stage_busy.queue_ms)
+    capped = TierState("edge", 1, 1, busy=1.0)
+    assert capped.queueing == pytest.approx(UTILISATION_CAP / (1 - UTILISATION_CAP))
+
+
+def test_a_saturated_edge_pushes_the_work_elsewhere():
+    from aiflow.planner.solver import plan
+
+    flow = problem("vision_head", "caption_decoder").flow
+    quiet = plan(Problem(flow, CLUSTER, PROFILE)).chosen.candidate.tiers
+    assert "edge" in quiet, "the test needs a case whose best plan uses the edge when it is idle"
+    saturated = cluster_state([TIERS3[0], TierState("edge", 1, 1, compute_factor=1.0, busy=0.95), TIERS3[2]], observed_links=LINKS)
+    chosen = plan(Problem(flow, saturated, PROFILE)).chosen
+    assert "edge" not in chosen.candidate.tiers
+    assert all(s.queue_ms == 0 for s in chosen.estimate.stages)

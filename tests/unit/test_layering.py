@@ -27,13 +27,14 @@ HEAVY = ("torch", "transformers", "tritonclient", "safetensors", "tokenizers", "
 ALLOWED = {
     "api": set(),
     "planner": {"api"},
-    "render": {"api"},
-    "controller": {"api", "planner", "render", "linkprobe"},
+    "render": {"api", "serving"},
+    "controller": {"api", "planner", "render", "linkprobe", "serving"},
     "linkprobe": set(),
+    "serving": set(),  # torch-free like the contract: what renderer and local runtime set, stages read
     "model": set(),
     "stage": {"model"},
-    "local": {"stage", "model", "api", "planner"},
-    "cli": {"api", "planner", "render", "controller", "linkprobe", "model", "stage", "local"},
+    "local": {"stage", "model", "api", "planner", "serving"},
+    "cli": {"api", "planner", "render", "controller", "linkprobe", "model", "stage", "local", "serving"},
 }
 
 

@@ -253,3 +253,57 @@ def test_env_from_a_secret_or_configmap_key_reaches_the_container_as_a_reference
     assert entries["EMPTY"] == {"name": "EMPTY", "value": ""}
     assert container(dep)["terminationMessagePolicy"] == "FallbackToLogsOnError"
     kubernetes_validate.validate(dep, "1.32", strict=True)
+
+
+# ---- serving settings and autoscaling -----------------------------------------------------------------
+
+
+def serving_manifest():
+    doc = manifest()
+    drafter = doc["spec"]["stages"][1]
+    drafter["serving"] = {"instances": 2, "maxBatchSize": 16, "maxQueueSize": 10, "threads": 2}
+    drafter["autoscaling"] = {"maxReplicas": 5, "targetQueueMilliseconds": 25}
+    return doc
+
+
+def test_serving_settings_reach_the_stage_and_its_triton_config():
+    deployments = by_kind(rendered(serving_manifest()), "Deployment")
+    drafter = deployments["captioning-drafter"]
+    pod = drafter["spec"]["template"]["spec"]
+    e = env(drafter)
+    assert (e["AIFLOW_INSTANCES"], e["AIFLOW_MAX_BATCH_SIZE"], e["AIFLOW_MAX_QUEUE_SIZE"], e["AIFLOW_THREADS"]) == ("2", "16", "10", "2")
+    assert e["AIFLOW_FORWARD"] == "async"
+    # Triton reads instances and batching from the config: an init container writes the stage's own copy.
+    (init,) = pod["initContainers"]
+    assert init["command"][:3] == ["python3", "-m", "aiflow.local.repository"]
+    assert "--model=caption_drafter" in init["command"] and "--dest=/tmp/model_repo" in init["command"]
+    assert {v["name"]: v["value"] for v in init["env"]}["AIFLOW_INSTANCES"] == "2"
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "--model-repository=/tmp/model_repo" in container(drafter)["args"]
+    # A stage on the defaults keeps the image's repository and no init container.
+    head = deployments["captioning-head"]
+    assert "initContainers" not in head["spec"]["template"]["spec"]
+    assert "AIFLOW_INSTANCES" not in env(head)
+
+
+def test_cpu_request_sets_the_default_instance_count():
+    doc = manifest()
+    doc["spec"]["stages"][2]["resources"] = {"requests": {"cpu": "2", "memory": "2Gi"}}
+    verifier = by_kind(rendered(doc), "Deployment")["captioning-verifier"]
+    assert env(verifier)["AIFLOW_INSTANCES"] == "2"
+
+
+def test_autoscaling_renders_a_valid_hpa_on_queue_time_and_leaves_replicas_to_it():
+    objects = rendered(serving_manifest())
+    (hpa,) = by_kind(objects, "HorizontalPodAutoscaler").values()
+    kubernetes_validate.validate(hpa, "1.32", strict=True)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "captioning-drafter"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 5)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "aiflow_triton_queue_ms"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "25000m"}
+    deployments = by_kind(objects, "Deployment")
+    assert "replicas" not in deployments["captioning-drafter"]["spec"]
+    assert deployments["captioning-verifier"]["spec"]["replicas"] == 2
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.32", strict=True)

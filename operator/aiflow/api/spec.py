@@ -53,6 +53,8 @@ class Stage:
     resources: dict = field(default_factory=dict)  # Kubernetes ResourceRequirements
     parameters: StageParameters = StageParameters()
     env: tuple[tuple[str, str | ValueFrom], ...] = ()  # name -> value, or where to take it from
+    serving: dict = field(default_factory=dict)  # spec.stages[].serving as written (aiflow.serving reads it)
+    autoscaling: dict | None = None  # spec.stages[].autoscaling: minReplicas, maxReplicas, targetQueueMilliseconds
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,8 @@ def _stage(s: dict) -> Stage:
         resources={k: dict(v) for k, v in (s.get("resources") or {}).items()},
         parameters=StageParameters(p.get("splitLayer"), p.get("codec"), p.get("decoding")),
         env=tuple((e["name"], _env_value(e)) for e in s.get("env") or ()),
+        serving=dict(s.get("serving") or {}),
+        autoscaling=dict(s["autoscaling"]) if s.get("autoscaling") else None,
     )
 
 

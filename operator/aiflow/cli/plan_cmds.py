@@ -109,20 +109,21 @@ def format_table(result, cluster, profile) -> str:
         ))
     lines += _columns(rows)
     lines += ["", "chosen plan, step by step:"]
-    steps = [("STEP", "WHERE", "PAYLOAD", "BYTES", "MS")]
+    steps = [("STEP", "WHERE", "PAYLOAD", "BYTES", "MS", "OF WHICH QUEUEING")]
     est = result.chosen.estimate
     for hop, stage in zip(est.hops, est.stages):
         where = f"{hop.src_tier}->{hop.dst_tier}" if hop.crosses else hop.dst_tier
-        steps.append((f"call {hop.src}->{hop.dst}", where, hop.payload, f"{hop.bytes:.0f}", f"{hop.ms:.1f}"))
-        steps.append((f"run {stage.stage} ({stage.model})", stage.tier, "", "", f"{stage.ms:.1f}"))
-    steps.append(("total", "", "", "", f"{est.latency_ms:.1f}"))
+        steps.append((f"call {hop.src}->{hop.dst}", where, hop.payload, f"{hop.bytes:.0f}", f"{hop.ms:.1f}", ""))
+        steps.append((f"run {stage.stage} ({stage.model})", stage.tier, "", "", f"{stage.ms:.1f}", f"{stage.queue_ms:.1f}"))
+    steps.append(("total", "", "", "", f"{est.latency_ms:.1f}", f"{sum(s.queue_ms for s in est.stages):.1f}"))
     lines += _columns(steps)
     lines += ["", "inputs:"]
     for t in TIERS:
         s = cluster.tier(t)
         lines.append(
             f"  tier {t}: {s.ready_nodes}/{s.nodes} nodes Ready, compute x{s.compute_factor:g}, "
-            f"{s.utilisation:.0%} busy, {s.memory_mib:g} MiB per node ({s.source})"
+            f"{s.utilisation:.0%} busy, stage instances {s.busy:.0%} busy (queueing x{s.queueing:.2f}), "
+            f"{s.memory_mib:g} MiB per node ({s.source})"
         )
     for link in cluster.links.values():
         lines.append(f"  link {link.src}->{link.dst}: {link.bandwidth_mbps:.3g} Mbit/s, {link.rtt_ms:g} ms RTT ({link.source})")

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 from kubernetes.utils import parse_quantity
 
-from aiflow.controller.kube import DEPLOYMENTS, DISRUPTION_BUDGETS, FIELD_MANAGER, SERVICES, KubeApi, Resource
+from aiflow.controller.kube import AUTOSCALERS, DEPLOYMENTS, DISRUPTION_BUDGETS, FIELD_MANAGER, SERVICES, KubeApi, Resource
 from aiflow.render.names import selector_string
 
-KINDS: dict[str, Resource] = {"Service": SERVICES, "Deployment": DEPLOYMENTS, "PodDisruptionBudget": DISRUPTION_BUDGETS}
+KINDS: dict[str, Resource] = {"Service": SERVICES, "Deployment": DEPLOYMENTS, "PodDisruptionBudget": DISRUPTION_BUDGETS,
+                             "HorizontalPodAutoscaler": AUTOSCALERS}
 # The parts of an object the operator manages (name and namespace are its identity).
 MANAGED_METADATA = ("labels", "annotations", "ownerReferences")
 # Values the API server does not store (omitempty): rendering one is the same as leaving it out.

@@ -47,6 +47,7 @@ DEPLOYMENTS = Resource("apps/v1", "deployments")
 DISRUPTION_BUDGETS = Resource("policy/v1", "poddisruptionbudgets")
 PODS = Resource("v1", "pods")
 CONFIGMAPS = Resource("v1", "configmaps")
+AUTOSCALERS = Resource("autoscaling/v2", "horizontalpodautoscalers")
 
 
 class ApiError(Exception):

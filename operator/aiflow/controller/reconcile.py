@@ -133,6 +133,26 @@ def rollout_findings(api: KubeApi, namespace: str, name: str, live: dict[tuple[s
     return tuple(stuck), tuple(failures)
 
 
+def with_stage_load(state, flow, placement, measured) -> object:
+    """The cluster state with each tier's `busy` from its stages' Triton compute metric: the busiest
+    stage placed there, per instance (its busy share over replicas x Triton instances)."""
+    from dataclasses import replace as _replace
+
+    from aiflow.serving import from_spec
+
+    tiers = dict(placement)
+    busy: dict[str, float] = {}
+    for name, times in measured:
+        if times.busy is None or name not in tiers:
+            continue
+        stage = flow.stage(name)
+        per_instance = times.busy / max(1, stage.replicas * from_spec(stage.serving, (stage.resources.get("requests") or {}).get("cpu")).instances)
+        busy[tiers[name]] = max(busy.get(tiers[name], 0.0), per_instance)
+    if not busy:
+        return state
+    return _replace(state, tiers={t: _replace(s, busy=busy.get(t, s.busy)) for t, s in state.tiers.items()})
+
+
 def reconcile(api: KubeApi, namespace: str, name: str, catalog: dict[str, ModelInfo] | None = None,
               cluster: ClusterView | None = None, nodes: list[NodeRecord] | None = None,
               load: Load | None = None, tick: Tick | None = None) -> Result:
@@ -212,6 +232,8 @@ def run_plan(api: KubeApi, flow: Flow, body: dict, live: dict, nodes: list[NodeR
     seen = observations(measured, load.utilisation, load.notes + link_notes)
     state = cluster_state(seen.tiers, seen.links, declared_links(flow))
     serving, migration, last_move = current_plans(flow, old, live, now)
+    if tick is not None and serving is not None:
+        state = with_stage_load(state, flow, serving.placement, tick.stages)
     step = rescheduler.step(
         flow, serving, migration, state=state, cluster=cluster, now=now, last_migration_at=last_move,
         target_ready=migration is not None and revision_ready(flow, migration.revision, live),

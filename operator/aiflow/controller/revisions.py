@@ -17,7 +17,7 @@ import copy
 from aiflow.api.cluster import ClusterView
 from aiflow.api.spec import Flow
 from aiflow.api.placement import Placement
-from aiflow.render.manifests import CONFIG_HASH_ANNOTATION, GRPC_PORT, config_hash, disruption_budget, render
+from aiflow.render.manifests import CONFIG_HASH_ANNOTATION, GRPC_PORT, config_hash, disruption_budget, render, render_autoscaler
 from aiflow.render.names import STAGE_LABEL, bounded, label_value, object_name
 
 REVISION_LABEL = "aiflow.io/revision"
@@ -86,6 +86,11 @@ def render_revision(flow: Flow, placement: Placement, revision: int, serving: in
         budget = disruption_budget(deployment)  # named and selecting as the revision's Deployment
         if budget is not None:
             out.append(budget)
+    for stage in flow.stages:  # autoscalers follow their revision's Deployment
+        if stage.autoscaling:
+            hpa = render_autoscaler(flow, stage, deployment_name(flow, stage.name, revision))
+            hpa["metadata"]["labels"].update(label)
+            out.append(hpa)
     return out
 
 

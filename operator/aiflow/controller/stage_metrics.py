@@ -3,15 +3,19 @@
 `parse_triton_metrics` (pure) reads the Prometheus text with `prometheus_client.parser`;
 `stage_times` turns two readings of a stage into its mean request, queue and compute times between
 them. The first stage calls every later one and waits for its answer, so its request time is the
-flow's end-to-end latency minus the client's own call. `read_stage_metrics` does the HTTP.
+flow's end-to-end latency minus the client's own call: the stage's own receipt-to-reply counters
+(`aiflow_request_duration_us`), as Triton's request duration ends when a stage hands a request on
+to the next one. Busy time is the compute per execution (Triton charges each request of a batch
+the batch's compute). `read_stage_metrics` does the HTTP.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +31,9 @@ _FIELDS = {
     "nv_inference_queue_duration_us": "queue_us",
     "nv_inference_compute_infer_duration_us": "compute_us",
 }
+# A stage that answers after its next stage did (aiflow.stage.triton, forward async) counts its
+# receipt-to-reply time itself: Triton's request duration ends when execute returns. Preferred.
+_STAGE_FIELDS = {"aiflow_request_duration_us": "request_us", "aiflow_request_success": "replied"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class StageSample:
     request_us: float = 0.0
     queue_us: float = 0.0
     compute_us: float = 0.0
+    at: float = 0.0  # when it was read (epoch seconds); 0: unknown
 
 
 class StageMetricsError(ValueError):
@@ -49,9 +57,16 @@ def parse_triton_metrics(text: str, model: str) -> StageSample:
     """The counters of `model` in Triton's metrics text. Raises StageMetricsError when the text is
     not Prometheus text, has no sample of the model, or holds a negative or non-finite counter."""
     values = dict.fromkeys(_FIELDS.values(), 0.0)
-    seen = False
+    own = dict.fromkeys(_STAGE_FIELDS.values(), 0.0)
+    seen = own_seen = False
     try:
         for family in text_string_to_metric_families(text):
+            if family.name in _STAGE_FIELDS:
+                for sample in family.samples:
+                    if sample.labels.get("model") == model and math.isfinite(sample.value) and sample.value >= 0:
+                        own[_STAGE_FIELDS[family.name]] += sample.value
+                        own_seen = True
+                continue
             key = _FIELDS.get(family.name)  # the parser names counter samples <family>_total
             for sample in family.samples if key else ():
                 if sample.name not in (family.name, f"{family.name}_total") or sample.labels.get("model") != model:
@@ -66,6 +81,8 @@ def parse_triton_metrics(text: str, model: str) -> StageSample:
         raise StageMetricsError(f"not Prometheus metrics text: {exc}") from exc
     if not seen:
         raise StageMetricsError(f"no nv_inference_* samples of model {model!r}")
+    if own_seen and own["replied"] > 0:  # the mean over the stage's own count of answered requests
+        values["request_us"] = own["request_us"] * values["success"] / own["replied"]
     return StageSample(**values)
 
 
@@ -77,10 +94,14 @@ class StageTimes:
     request_ms: float  # receipt to reply (includes the calls to later stages)
     queue_ms: float
     compute_ms: float  # per model execution
+    busy: float | None = None  # share of the time between the readings its instances computed
 
     def to_status(self, stage: str) -> dict:
-        return {"stage": stage, "requests": int(self.requests), "requestMs": round(self.request_ms, 3),
-                "queueMs": round(self.queue_ms, 3), "computeMs": round(self.compute_ms, 3)}
+        out = {"stage": stage, "requests": int(self.requests), "requestMs": round(self.request_ms, 3),
+               "queueMs": round(self.queue_ms, 3), "computeMs": round(self.compute_ms, 3)}
+        if self.busy is not None:
+            out["busy"] = round(self.busy, 4)
+        return out
 
 
 def stage_times(previous: StageSample | None, current: StageSample) -> StageTimes | None:
@@ -93,9 +114,14 @@ def stage_times(previous: StageSample | None, current: StageSample) -> StageTime
     if done <= 0:
         return None
     executions = max(current.executions - base.executions, 1.0)
+    busy = None
+    if base is previous and previous.at > 0 and current.at > previous.at:
+        # Triton charges every request of a batch the batch's compute: per execution it is the
+        # instance's busy time. Summed over the model's instances: above 1 means several were busy.
+        busy = (current.compute_us - base.compute_us) / done * executions / 1e6 / (current.at - previous.at)
     return StageTimes(done, (current.request_us - base.request_us) / done / 1e3,
                       (current.queue_us - base.queue_us) / done / 1e3,
-                      (current.compute_us - base.compute_us) / executions / 1e3)
+                      (current.compute_us - base.compute_us) / executions / 1e3, busy)
 
 
 def metrics_url(host: str, port: int = METRICS_PORT) -> str:
@@ -109,4 +135,4 @@ def read_stage_metrics(url: str, model: str, timeout: float = READ_TIMEOUT) -> S
             text = response.read(4 << 20).decode("utf-8", "replace")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise StageMetricsError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
-    return parse_triton_metrics(text, model)
+    return replace(parse_triton_metrics(text, model), at=time.time())

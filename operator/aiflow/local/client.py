@@ -15,14 +15,19 @@ import numpy as np
 
 from aiflow.contract import TENSORS, TRACE
 from aiflow.local.schemes import CLIENT_TIER, JPEG_QUALITY, RunningFlow, Scheme
-from aiflow.stage.forward import describe_call_error
+from aiflow.stage.forward import describe_call_error, is_overloaded
 from aiflow.stage.logic import read_trace
 
 DEFAULT_TIMEOUT_S = 120.0
 
 
 class CaptionError(RuntimeError):
-    """The flow answered with an error, or could not be reached."""
+    """The flow answered with an error, or could not be reached. `overloaded`: a stage's queue was
+    full (it answered at once; another replica, or later, may serve the request)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.overloaded = is_overloaded(message)
 
 
 @dataclass
@@ -63,8 +68,8 @@ def infer(client, url: str, model: str, blobs: Sequence[bytes], timeout_s: float
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    inp = grpcclient.InferInput(TENSORS["image"], [len(blobs)], "BYTES")
-    inp.set_data_from_numpy(np.array(list(blobs), dtype=object))
+    inp = grpcclient.InferInput(TENSORS["image"], [1, len(blobs)], "BYTES")  # one request: batch dimension 1
+    inp.set_data_from_numpy(np.array([list(blobs)], dtype=object))
     outputs = [grpcclient.InferRequestedOutput(n) for n in (TENSORS["caption"], TRACE)]
     start = time.perf_counter()
     try:
@@ -72,8 +77,24 @@ def infer(client, url: str, model: str, blobs: Sequence[bytes], timeout_s: float
     except InferenceServerException as exc:
         raise CaptionError(describe_call_error(exc, model, url, timeout_s, what="stage")) from None
     latency = 1000 * (time.perf_counter() - start)
-    captions = [c.decode() for c in result.as_numpy(TENSORS["caption"])]
+    captions = [c.decode() for c in result.as_numpy(TENSORS["caption"]).reshape(-1)]
     return captions, read_trace(result.as_numpy(TRACE)), latency
+
+
+def infer_any(replicas: Sequence[tuple[object, str]], model: str, blobs: Sequence[bytes], timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[str], list[dict], float]:
+    """`infer` on the first of `replicas` ((client, url) pairs of the entry stage) that is not
+    overloaded; any other error, or every replica overloaded, is reported (CaptionError)."""
+    if not replicas:
+        raise ValueError("no replica to send to")
+    refused = []
+    for client, url in replicas:
+        try:
+            return infer(client, url, model, blobs, timeout_s)
+        except CaptionError as exc:
+            if not exc.overloaded:
+                raise
+            refused.append(str(exc))
+    raise CaptionError(f"every replica of {model} is overloaded ({len(refused)} tried): " + "; ".join(refused))
 
 
 def link_bytes(tiers: Sequence[str], upload_bytes: int, hops: Sequence[Mapping]) -> dict[str, int]:

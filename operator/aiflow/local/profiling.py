@@ -299,8 +299,8 @@ class StageClient:
             tensor, dtype, size = np.array(list(data), dtype=object), "BYTES", sum(len(b) for b in data)
         else:
             tensor, dtype, size = np.frombuffer(bytes(data), dtype=np.uint8), "UINT8", len(data)
-        inp = grpcclient.InferInput(TENSORS[accepts], list(tensor.shape), dtype)
-        inp.set_data_from_numpy(tensor)
+        inp = grpcclient.InferInput(TENSORS[accepts], [1, tensor.size], dtype)  # one request: batch dimension 1
+        inp.set_data_from_numpy(tensor.reshape(1, -1))
         names = [TENSORS["caption"] if emits == "caption" else MESSAGE, TRACE]
         start = time.perf_counter()
         try:
@@ -308,7 +308,7 @@ class StageClient:
         except InferenceServerException as exc:
             raise ProfilingError(describe_call_error(exc, model, self.url, CALL_TIMEOUT_S, what="stage")) from None
         latency = 1000 * (time.perf_counter() - start)
-        outputs = {n: result.as_numpy(n) for n in names}
+        outputs = {n: result.as_numpy(n).reshape(-1) for n in names}
         return Call(outputs, read_trace(outputs[TRACE]), latency, size)
 
     def close(self) -> None:

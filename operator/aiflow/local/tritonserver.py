@@ -202,7 +202,11 @@ def model_config_json(
     """The model's config.pbtxt as the JSON that Triton's load API takes, with `parameters` set.
 
     Triton replaces the whole config with a load-time override, so the override starts from the file.
+    The serving parameters (AIFLOW_INSTANCES, AIFLOW_MAX_BATCH_SIZE, ...) also set the instances,
+    batching and queue bound they name (`aiflow.serving.apply_parameters`).
     """
+    from aiflow.serving import apply_parameters
+
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -216,7 +220,8 @@ def model_config_json(
     config.name = name or config.name or Path(model_dir).name
     for key, value in (parameters or {}).items():
         config.parameters[str(key)].string_value = str(value)
-    return json_format.MessageToJson(config, preserving_proto_field_name=True)
+    as_dict = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    return json.dumps(apply_parameters(as_dict, parameters or {}))
 
 
 def process_group_members(pgid: int) -> list[int]:

@@ -42,6 +42,7 @@ class TierState:
     utilisation: float = 0.0
     memory_mib: float = 0.0  # 0: unknown, does not constrain
     source: str = DECLARED
+    busy: float = 0.0  # share of time the tier's stage instances compute (Triton's compute metric)
 
     @property
     def available(self) -> bool:
@@ -51,6 +52,14 @@ class TierState:
     def slowdown(self) -> float:
         """How many times longer than at reference speed a piece of work takes here now."""
         return self.compute_factor / (1.0 - min(max(self.utilisation, 0.0), UTILISATION_CAP))
+
+    @property
+    def queueing(self) -> float:
+        """Expected wait in the tier's Triton queue per unit of service time, from how busy its stage
+        instances are (M/M/1: rho / (1 - rho), rho capped like the CPU load): a request arriving at a
+        stage there waits this many times its own compute before it starts."""
+        rho = min(max(self.busy, 0.0), UTILISATION_CAP)
+        return rho / (1.0 - rho)
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,7 @@ _SCHEMA = {
                         "readyNodes": {"type": "integer", "minimum": 0},
                         "computeFactor": {"type": "number", "exclusiveMinimum": 0},
                         "utilisation": {"type": "number", "minimum": 0, "maximum": 1},
+                        "busy": {"type": "number", "minimum": 0, "maximum": 1},
                         "memoryMiB": {"type": "number", "minimum": 0},
                         "source": _SOURCE,
                     },
@@ -196,6 +206,7 @@ def cluster_from_snapshot(doc: Any, declared_links: Iterable[LinkState] = (), wh
                 ready_nodes=ready,
                 compute_factor=float(t.get("computeFactor", 1.0)),
                 utilisation=float(t.get("utilisation", 0.0)),
+                busy=float(t.get("busy", 0.0)),
                 memory_mib=float(t.get("memoryMiB", 0.0)),
                 source=t.get("source", DECLARED),
             )

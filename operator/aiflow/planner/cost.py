@@ -6,6 +6,9 @@ their compute, plus per call an RPC cost and, when the call crosses tiers, the l
 request bytes at the link's bandwidth (responses are a caption: a few bytes, covered by the RTT).
 
 Compute is profile milliseconds x the tier's slowdown (compute factor / (1 - utilisation), bounded).
+A shared tier also queues: a stage there waits in Triton's queue about rho / (1 - rho) times its own
+compute, rho being how busy the tier's stage instances are (Triton's compute metric, `TierState.busy`),
+so a saturated edge pushes work to the device or the cloud.
 The same arithmetic serves one candidate (`evaluate`) and the solver's whole grid (`chain_terms` works
 on numpy arrays that broadcast over modes x splits x codecs), so both predict bit-identical numbers.
 """
@@ -42,7 +45,8 @@ class StageCost:
     stage: str
     model: str
     tier: str
-    ms: float
+    ms: float  # compute, queueing included
+    queue_ms: float = 0.0  # of which predicted wait in the tier's queue
 
 
 @dataclass(frozen=True)
@@ -157,11 +161,12 @@ def chain_terms(profile: Profile, models: tuple[str, ...], grid: Grid) -> tuple[
 @dataclass(frozen=True)
 class LinkTables:
     """Per ordered tier pair (device, edge, cloud indices): RTT and ms per byte, zero within a tier;
-    per tier its slowdown."""
+    per tier its slowdown and its queueing (wait per unit of service time)."""
 
     rtt: np.ndarray  # (3,3)
     ms_per_byte: np.ndarray  # (3,3)
     slowdown: np.ndarray  # (3,)
+    queueing: np.ndarray  # (3,)
 
 
 def link_tables(cluster: ClusterState) -> LinkTables:
@@ -171,7 +176,8 @@ def link_tables(cluster: ClusterState) -> LinkTables:
             if a != b:
                 link = cluster.link(src, dst)
                 rtt[a, b], per_byte[a, b] = link.rtt_ms, 8.0 / (link.bandwidth_mbps * 1e3)
-    return LinkTables(rtt, per_byte, np.array([cluster.tier(t).slowdown for t in TIERS]))
+    return LinkTables(rtt, per_byte, np.array([cluster.tier(t).slowdown for t in TIERS]),
+                      np.array([cluster.tier(t).queueing for t in TIERS]))
 
 
 def hop_ms(profile: Profile, tables: LinkTables, nbytes: np.ndarray) -> np.ndarray:
@@ -181,8 +187,8 @@ def hop_ms(profile: Profile, tables: LinkTables, nbytes: np.ndarray) -> np.ndarr
 
 
 def stage_ms_on_tiers(tables: LinkTables, ms: np.ndarray) -> np.ndarray:
-    """Compute of a stage on every tier: shape ms.shape + (3,)."""
-    return ms[..., None] * tables.slowdown
+    """Compute of a stage on every tier, its wait in the tier's queue included: shape ms.shape + (3,)."""
+    return ms[..., None] * tables.slowdown * (1.0 + tables.queueing)
 
 
 def evaluate(problem: Problem, candidate: Candidate) -> Estimate:
@@ -212,6 +218,7 @@ def estimate(problem: Problem, candidate: Candidate, terms, tables: LinkTables, 
         size = nbytes[at]
         call = float(hop_ms(problem.profile, tables, size)[src_idx, tier_idx[i]])
         work = float(stage_ms_on_tiers(tables, stage_ref[i][at])[tier_idx[i]])
+        queue = work * float(tables.queueing[tier_idx[i]] / (1.0 + tables.queueing[tier_idx[i]]))
         total = total + (call + work)  # grouped as the solver's per-stage steps, so both agree bit for bit
         upstream = upstream + float(size) * float(src_idx == DEVICE and tier_idx[i] != DEVICE)
         src_tier, dst_tier = TIERS[src_idx], candidate.tiers[i]
@@ -219,7 +226,7 @@ def estimate(problem: Problem, candidate: Candidate, terms, tables: LinkTables, 
             for leg in problem.cluster.link(src_tier, dst_tier).via:
                 link_bytes[leg] = link_bytes.get(leg, 0.0) + float(size)
         hops.append(HopCost(src_name, stage.name, src_tier, dst_tier, payload, float(size), call))
-        stages.append(StageCost(stage.name, stage.model, dst_tier, work))
+        stages.append(StageCost(stage.name, stage.model, dst_tier, work, queue))
         src_idx, src_name = tier_idx[i], stage.name
     order = {t: i for i, t in enumerate(TIERS)}
     return Estimate(

@@ -113,7 +113,8 @@ def option_dict(stages: tuple[str, ...], option: Option) -> dict:
         "latencyMs": round(e.latency_ms, 3),
         "bytesUpstream": round(e.bytes_upstream),
         "quality": e.quality,
-        "stages": [{"stage": s.stage, "model": s.model, "tier": s.tier, "computeMs": round(s.ms, 3)} for s in e.stages],
+        "stages": [{"stage": s.stage, "model": s.model, "tier": s.tier, "computeMs": round(s.ms, 3),
+                    "queueMs": round(s.queue_ms, 3)} for s in e.stages],
         "hops": [
             {"from": h.src, "to": h.dst, "fromTier": h.src_tier, "toTier": h.dst_tier, "payload": h.payload, "bytes": round(h.bytes), "ms": round(h.ms, 3)}
             for h in e.hops
@@ -275,7 +276,7 @@ def _components(problem: Problem, option: Option) -> dict[str, float]:
     out: dict[str, float] = {}
     for s in option.estimate.stages:
         state = problem.cluster.tier(s.tier)
-        key = f"compute on {s.tier} (x{state.compute_factor:g}, {state.utilisation:.0%} busy)"
+        key = f"compute on {s.tier} (x{state.compute_factor:g}, {state.utilisation:.0%} busy, queueing x{state.queueing:.2f})"
         out[key] = out.get(key, 0.0) + s.ms
     for h in option.estimate.hops:
         if h.crosses:

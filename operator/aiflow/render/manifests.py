@@ -15,6 +15,7 @@ from aiflow.api.placement import Placement, StagePlacement
 from aiflow.api.spec import Flow, Stage, ValueFrom
 from aiflow.render.names import object_name, stage_labels, stage_selector
 from aiflow.render.rollout import SURGE, rolling_update
+from aiflow.serving import Serving, from_spec
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 CONFIG_HASH_ANNOTATION = "aiflow.io/config-hash"
@@ -30,12 +31,16 @@ TERMINATION_GRACE_SECONDS = EXIT_TIMEOUT_SECONDS + 15
 # On a pod without a GPU: no GPU metrics (NVML/DCGM) and no pinned-memory pool (CUDA), whose
 # failed probing Triton otherwise logs as errors at every start.
 CPU_ONLY_ARGS = ("--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0")
+STAGE_REPOSITORY = "/tmp/model_repo"  # the stage's own copy when its serving settings differ from the image's
+QUEUE_METRIC = "aiflow_triton_queue_ms"  # mean queue time per request, served by prometheus-adapter
+DEFAULT_TARGET_QUEUE_MS = 50.0
 
 
 def render(flow: Flow, placement: Placement, cluster: ClusterView | None = None) -> list[dict]:
     """Every object the flow owns, in apply order: per stage its Service, its Deployment and, for a
-    stage of more than one replica, its PodDisruptionBudget. `cluster` (the tiers' nodes) decides
-    each Deployment's rollout strategy (`rollout`); without it, make-before-break."""
+    stage of more than one replica, its PodDisruptionBudget; then a HorizontalPodAutoscaler per
+    stage with `autoscaling`. `cluster` (the tiers' nodes) decides each Deployment's rollout
+    strategy (`rollout`); without it, make-before-break."""
     objects = []
     for i, stage in enumerate(flow.stages):
         successor = flow.stages[i + 1] if i + 1 < len(flow.stages) else None
@@ -45,7 +50,44 @@ def render(flow: Flow, placement: Placement, cluster: ClusterView | None = None)
         objects.append(deployment)
         if (budget := disruption_budget(deployment)) is not None:
             objects.append(budget)
-    return objects
+    return objects + [render_autoscaler(flow, s, object_name(flow.name, s.name)) for s in flow.stages if s.autoscaling]
+
+
+def stage_serving(stage: Stage) -> Serving:
+    """The stage's serving settings: its `serving` fields over the defaults of its CPU request."""
+    return from_spec(stage.serving, (stage.resources.get("requests") or {}).get("cpu"))
+
+
+def own_repository(stage: Stage) -> bool:
+    """Whether the stage serves its own copy of its model, its serving settings in the config
+    (Triton reads instances and batching from there; the image's repository is read-only)."""
+    return stage_serving(stage) != Serving()
+
+
+def render_autoscaler(flow: Flow, stage: Stage, deployment: str) -> dict:
+    """A HorizontalPodAutoscaler (autoscaling/v2) on the stage's mean Triton queue time per request,
+    a Pods metric of the custom metrics API (prometheus-adapter: docs/operating.md)."""
+    a = stage.autoscaling or {}
+    target = float(a.get("targetQueueMilliseconds", DEFAULT_TARGET_QUEUE_MS))
+    meta = _metadata(flow, stage)
+    meta["name"] = deployment
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta,
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment},
+            "minReplicas": int(a.get("minReplicas", stage.replicas)),
+            "maxReplicas": int(a["maxReplicas"]),
+            "metrics": [{
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": QUEUE_METRIC},
+                    "target": {"type": "AverageValue", "averageValue": f"{round(target * 1000)}m"},
+                },
+            }],
+        },
+    }
 
 
 def service_endpoint(flow: Flow, stage: Stage) -> str:
@@ -110,6 +152,8 @@ def stage_env(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage
         env["AIFLOW_NEXT_URL"] = service_endpoint(flow, successor)
         env["AIFLOW_NEXT_MODEL"] = successor.model
     env.update(placed.parameters.as_env())
+    if own_repository(stage):
+        env.update(stage_serving(stage).knobs())
     # The root filesystem is read-only: caches of Python libraries go to the writable /tmp.
     env["HOME"] = "/tmp"
     env.update(dict(stage.env))
@@ -150,7 +194,7 @@ def _volumes(flow: Flow) -> tuple[list[dict], list[dict]]:
 def triton_args(flow: Flow, stage: Stage) -> list[str]:
     """The tritonserver command line: the one model of the stage, explicit ports, ready only when it loaded."""
     return [
-        f"--model-repository={flow.triton.model_repository.path}",
+        f"--model-repository={STAGE_REPOSITORY if own_repository(stage) else flow.triton.model_repository.path}",
         "--model-control-mode=explicit",
         f"--load-model={stage.model}",
         f"--http-port={HTTP_PORT}",
@@ -230,14 +274,34 @@ def _scheduling(placed: StagePlacement) -> dict:
 
 def render_pod_spec(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None) -> dict:
     mounts, volumes = _volumes(flow)
-    return {
+    container = _container(flow, stage, placed, successor, mounts)
+    pod = {
         **_scheduling(placed),
         "securityContext": _pod_security(),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "containers": [_container(flow, stage, placed, successor, mounts)],
+        "containers": [container],
         "volumes": volumes,
+    }
+    if own_repository(stage):
+        pod["initContainers"] = [serving_config_container(flow, stage, container, mounts)]
+    return pod
+
+
+def serving_config_container(flow: Flow, stage: Stage, container: dict, mounts: list[dict]) -> dict:
+    """The init container that writes the stage's model, with its serving settings in its
+    config.pbtxt, to the pod's /tmp (`aiflow.local.repository`): Triton then serves that copy."""
+    return {
+        "name": "serving-config",
+        "image": container["image"],
+        "imagePullPolicy": container["imagePullPolicy"],
+        "command": ["python3", "-m", "aiflow.local.repository", f"--source={flow.triton.model_repository.path}",
+                    f"--model={stage.model}", f"--dest={STAGE_REPOSITORY}"],
+        "env": [e for e in container["env"] if e["name"].startswith("AIFLOW_") or e["name"] == "HOME"],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+        "securityContext": container["securityContext"],
+        "volumeMounts": [m for m in mounts if m["name"] in ("tmp", MODEL_VOLUME)],
     }
 
 
@@ -255,7 +319,7 @@ def render_deployment(flow: Flow, stage: Stage, placed: StagePlacement, successo
         "kind": "Deployment",
         "metadata": _metadata(flow, stage, {MODEL_ANNOTATION: stage.model, TIER_ANNOTATION: placed.tier}),
         "spec": {
-            "replicas": stage.replicas,
+            **({} if stage.autoscaling else {"replicas": stage.replicas}),  # with autoscaling, the HPA sets them
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": stage_selector(flow.name, stage.name)},
             "strategy": strategy or {"type": "RollingUpdate", "rollingUpdate": dict(SURGE)},

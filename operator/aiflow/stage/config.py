@@ -34,7 +34,10 @@ KNOBS: dict[str, tuple[type, object]] = {
     "max_image_side": (int, MAX_IMAGE_SIDE),
     "max_batch": (int, MAX_BATCH),
     "model_path": (str, ""),  # a checkpoint directory; empty = the bundled trained weights
+    "forward": (str, "async"),  # async: the instance is free while the next stage works; sync: it waits
+    "threads": (int, 1),  # torch CPU threads per Triton model instance
 }
+FORWARD_MODES = ("async", "sync")
 
 
 class StageError(Exception):
@@ -67,6 +70,8 @@ class StageConfig:
     max_image_side: int = MAX_IMAGE_SIDE
     max_batch: int = MAX_BATCH
     model_path: str = ""
+    forward: str = "async"
+    threads: int = 1
 
     @property
     def role(self) -> str:
@@ -129,6 +134,10 @@ def _check_config(c: StageConfig) -> None:
         raise StageError(f"{where}: emits the caption, so it cannot have a next stage ({c.next_model} at {c.next_url})")
     if c.compute_factor < 1:
         raise StageError(f"{where}: compute factor {c.compute_factor} must be >= 1 (1 = real speed)")
+    if c.forward not in FORWARD_MODES:
+        raise StageError(f"{where}: forward {c.forward!r} must be one of {', '.join(FORWARD_MODES)}")
+    if c.threads < 1:
+        raise StageError(f"{where}: threads {c.threads} must be >= 1")
     if c.timeout_s <= 0:
         raise StageError(f"{where}: timeout_s must be positive")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -114,6 +114,8 @@ class Hop:
     bytes_to_next: int = 0
     next: str = ""
     wait_next_ms: float = 0.0
+    received_s: float = 0.0  # wall clock (epoch seconds) when this stage took the request
+    replied_s: float = 0.0  # ... and when it replied; several requests in flight overlap here
     detail: dict = field(default_factory=dict)
 
 
@@ -150,92 +152,143 @@ class Stage:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Serve one request: inputs by tensor name -> outputs by tensor name (CAPTION or the emitted
-        message, and TRACE)."""
-        import torch
+        message, and TRACE). Synchronous: waits for the next stage when there is one."""
+        pending = self.receive(inputs)
+        self.compute([pending])
+        if pending.error is not None:
+            raise pending.error
+        return self.run_forward(pending) if pending.forwards(self) else self.reply(pending)
 
+    def run_forward(self, pending: Pending) -> dict[str, np.ndarray]:
+        """Send a computed request on to the next stage, wait for its answer and reply with it."""
+        t1 = time.perf_counter()
+        reply = self.forward(TENSORS[self.config.emits], pending.message())
+        return self.reply(pending, reply, 1000 * (time.perf_counter() - t1))
+
+    def receive(self, inputs: Mapping[str, np.ndarray]) -> Pending:
+        """Check and decode one request's input; StageError says what is wrong with it."""
         c = self.config
         start = time.perf_counter()
         tensor = inputs.get(TENSORS[c.accepts])
-        hop = Hop(stage=c.name, tier=c.tier, model=c.model, batch=0, bytes_in=0, compute_factor=c.compute_factor)
+        hop = Hop(stage=c.name, tier=c.tier, model=c.model, batch=0, bytes_in=0, compute_factor=c.compute_factor,
+                  received_s=time.time())
         if c.accepts == "image":
-            images = decode_images(tensor, c)
+            received = decode_images(tensor, c)
             hop.bytes_in = sum(len(b) for b in tensor)
-            received = images
+            hop.batch = len(received)
         else:
             received = decode_message(tensor, c)
             hop.bytes_in = int(tensor.size)
-        t0 = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                result = self._compute(received, hop)
-        except ValueError as exc:  # the model's own checks: shapes, token ids, image size and mode
-            raise StageError(f"{c.name}: {exc}") from None
-        hop.compute_ms = 1000 * (time.perf_counter() - t0)
-        if c.compute_factor > 1:
-            hop.emulated_ms = (c.compute_factor - 1) * hop.compute_ms
-            time.sleep(hop.emulated_ms / 1000)
-        outputs: dict[str, np.ndarray]
-        downstream: list[dict] = []
+            hop.batch = int(received.hidden.shape[0])
+        return Pending(hop=hop, received=received, start=start)
+
+    def compute(self, pendings: Sequence[Pending]) -> None:
+        """Compute several requests in as few batched passes as their inputs allow (features at the
+        same layer and shape share a pass); each gets its result or its StageError. The emulated
+        slowdown sleeps once per pass, in proportion to the pass."""
+        import torch
+
+        for group in _compatible_groups(pendings):
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    self._compute(group)
+            except StageError as exc:
+                for p in group:
+                    p.error = exc
+            except ValueError as exc:  # the model's own checks: shapes, token ids, image size and mode
+                for p in group:
+                    p.error = StageError(f"{self.config.name}: {exc}")
+            compute_ms = 1000 * (time.perf_counter() - t0)
+            emulated_ms = (self.config.compute_factor - 1) * compute_ms if self.config.compute_factor > 1 else 0.0
+            if emulated_ms:
+                time.sleep(emulated_ms / 1000)
+            for p in group:
+                p.hop.compute_ms, p.hop.emulated_ms = compute_ms, emulated_ms
+                p.hop.detail["batched_requests"] = len(group)
+                p.hop.detail["batched_samples"] = sum(q.hop.batch for q in group)
+
+    def reply(self, pending: Pending, downstream: Mapping[str, np.ndarray] | None = None, wait_ms: float = 0.0) -> dict[str, np.ndarray]:
+        """The outputs of a computed request: its captions or emitted message, or the next stage's
+        reply (`downstream`, after `wait_ms`), plus the trace with this hop first."""
+        c, hop = self.config, pending.hop
+        hops: list[dict] = []
         if c.emits == "caption":
-            outputs = {TENSORS["caption"]: caption_tensor(result)}
+            outputs = {TENSORS["caption"]: caption_tensor(pending.result)}
+        elif downstream is None:
+            hop.bytes_to_next = len(pending.result)
+            outputs = {MESSAGE: pending.message()}
         else:
-            data = np.frombuffer(result, dtype=np.uint8)
-            hop.bytes_to_next = len(result)
-            if self.forward is None:
-                outputs = {MESSAGE: data}
-            else:
-                hop.next = f"{c.next_model}@{c.next_url}" if c.next_url else c.next_model
-                t1 = time.perf_counter()
-                reply = self.forward(TENSORS[c.emits], data)
-                hop.wait_next_ms = 1000 * (time.perf_counter() - t1)
-                captions = reply.get(TENSORS["caption"])
-                if captions is None:
-                    raise StageError(f"{c.name}: next stage {hop.next} returned no caption (is it the end of the chain?)")
-                outputs = {TENSORS["caption"]: captions}
-                downstream = read_trace(reply.get(TRACE))
-        hop.total_ms = 1000 * (time.perf_counter() - start)
-        outputs[TRACE] = trace_tensor([asdict(hop), *downstream])
+            hop.bytes_to_next = len(pending.result)
+            hop.next = f"{c.next_model}@{c.next_url}" if c.next_url else c.next_model
+            hop.wait_next_ms = wait_ms
+            captions = downstream.get(TENSORS["caption"])
+            if captions is None:
+                raise StageError(f"{c.name}: next stage {hop.next} returned no caption (is it the end of the chain?)")
+            outputs = {TENSORS["caption"]: captions}
+            hops = read_trace(downstream.get(TRACE))
+        hop.total_ms = 1000 * (time.perf_counter() - pending.start)
+        hop.replied_s = time.time()
+        outputs[TRACE] = trace_tensor([asdict(hop), *hops])
         return outputs
 
-    # What each role computes; returns captions (emits caption) or message bytes.
-    def _compute(self, received, hop: Hop):
+    # What each role computes, for a group of requests whose inputs share one pass; sets each
+    # request's result: its captions (emits caption) or its message bytes.
+    def _compute(self, group: Sequence[Pending]) -> None:
         c, fam = self.config, self.family
         role = c.role
+        counts = [p.hop.batch for p in group]
         if role in ("captioner", "vision_head"):
-            pixels = fam.preprocess(received)
-            hop.batch = int(pixels.shape[0])
+            pixels = fam.preprocess([img for p in group for img in p.received])
             hidden = fam.embed(pixels)
             if role == "captioner":
-                return self._captions(fam.finish(fam.encode_layers(hidden, 0, fam.num_layers)), hop)
+                captions = self._captions(fam.finish(fam.encode_layers(hidden, 0, fam.num_layers)), group)
+                _deal(group, captions)
+                return
             split = fam.num_layers if c.split_layer is None else c.split_layer
-            return self._emit(fam.encode_layers(hidden, 0, split), split, None, hop)
-        msg: wire.Message = received
-        hop.batch = int(msg.hidden.shape[0])
-        hop.detail["codec_in"] = msg.codec
-        hop.detail["layer_in"] = msg.layer
-        if msg.layer > fam.num_layers:
-            raise StageError(f"{c.name}: features at layer {msg.layer}, but the encoder has {fam.num_layers} layers")
-        hidden = _torch(msg.hidden)
+            hidden = fam.encode_layers(hidden, 0, split)
+            for p, part in zip(group, _split(hidden, counts)):
+                p.result = self._emit(part, split, None, p.hop)
+            return
+        msgs: list[wire.Message] = [p.received for p in group]
+        layer = msgs[0].layer
+        for p, msg in zip(group, msgs):
+            p.hop.detail["codec_in"] = msg.codec
+            p.hop.detail["layer_in"] = msg.layer
+        if layer > fam.num_layers:
+            raise StageError(f"{c.name}: features at layer {layer}, but the encoder has {fam.num_layers} layers")
+        hidden = _torch(np.concatenate([m.hidden for m in msgs]) if len(msgs) > 1 else msgs[0].hidden)
+        positions = [m.positions for m in msgs]
         if role == "vision_tail":
-            stop = max(msg.layer, fam.num_layers if c.split_layer is None else c.split_layer)
-            return self._emit(fam.encode_layers(hidden, msg.layer, stop), stop, msg.positions, hop)
-        hidden = fam.encode_layers(hidden, msg.layer, fam.num_layers)
+            stop = max(layer, fam.num_layers if c.split_layer is None else c.split_layer)
+            hidden = fam.encode_layers(hidden, layer, stop)
+            for p, part, pos in zip(group, _split(hidden, counts), positions):
+                p.result = self._emit(part, stop, pos, p.hop)
+            return
+        hidden = fam.encode_layers(hidden, layer, fam.num_layers)
         features = fam.finish(hidden)
         if role == "caption_decoder":
-            return self._captions(features, hop)
+            _deal(group, self._captions(features, group))
+            return
         if role == "caption_drafter":
             drafts = fam.draft(features)
-            hop.detail["draft_tokens"] = [len(d) for d in drafts]
-            if c.codec == PASSTHROUGH:
-                return wire.encode(msg.layer, msg.hidden, parse_codec(msg.codec), msg.positions, drafts, payload=msg.payload)
-            return self._emit(hidden, fam.num_layers, msg.positions, hop, drafts)
-        # caption_verifier
-        if len(msg.drafts) != hop.batch:
-            raise StageError(f"{c.name}: {len(msg.drafts)} drafts for a batch of {hop.batch}")
-        ids, accepted = fam.verify(features, msg.drafts)
-        hop.detail["draft_tokens"] = [len(d) for d in msg.drafts]
-        hop.detail["accepted_tokens"] = [int(a) for a in accepted]
-        return [fam.decode_text(i) for i in ids]
+            for p, part, msg, own in zip(group, _split(hidden, counts), msgs, _split(drafts, counts)):
+                p.hop.detail["draft_tokens"] = [len(d) for d in own]
+                if c.codec == PASSTHROUGH:
+                    p.result = wire.encode(msg.layer, msg.hidden, parse_codec(msg.codec), msg.positions, own, payload=msg.payload)
+                else:
+                    p.result = self._emit(part, fam.num_layers, msg.positions, p.hop, own)
+            return
+        # caption_verifier: the drafts of every request in the group verified in one pass
+        for p, msg in zip(group, msgs):
+            if len(msg.drafts) != p.hop.batch:
+                raise StageError(f"{c.name}: {len(msg.drafts)} drafts for a batch of {p.hop.batch}")
+        drafts = [d for m in msgs for d in m.drafts]
+        ids, accepted = fam.verify(features, drafts)
+        for p, own, acc in zip(group, _split(drafts, counts), _split(list(accepted), counts)):
+            p.hop.detail["draft_tokens"] = [len(d) for d in own]
+            p.hop.detail["accepted_tokens"] = [int(a) for a in acc]
+        _deal(group, [fam.decode_text(i) for i in ids])
 
     def _emit(self, hidden, layer: int, positions, hop: Hop, drafts=None) -> bytes:
         codec = parse_codec(self.config.codec)
@@ -249,12 +302,13 @@ class Stage:
         hop.detail["layer_out"] = layer
         return wire.encode(layer, x, codec, positions, drafts)
 
-    def _captions(self, features, hop: Hop) -> list[str]:
+    def _captions(self, features, group: Sequence[Pending]) -> list[str]:
         fam = self.family
         if self.config.decoding == "speculative":
             drafts = fam.draft(features)
             ids, accepted = fam.verify(features, drafts)
-            hop.detail["accepted_tokens"] = [int(a) for a in accepted]
+            for p, acc in zip(group, _split(list(accepted), [p.hop.batch for p in group])):
+                p.hop.detail["accepted_tokens"] = [int(a) for a in acc]
         else:
             ids = fam.generate(features, decoder="large")
         return [fam.decode_text(i) for i in ids]
@@ -263,6 +317,49 @@ class Stage:
         close = getattr(self.forward, "close", None)
         if close:
             close()
+
+
+@dataclass
+class Pending:
+    """One request on its way through a stage: received, then computed (`result` or `error`)."""
+
+    hop: Hop
+    received: object  # the decoded input: images, or a wire.Message
+    start: float
+    result: object = None  # captions (list of str) or the emitted message bytes
+    error: StageError | None = None
+
+    def forwards(self, stage: Stage) -> bool:
+        """Whether the result goes on to a next stage (rather than back to the caller)."""
+        return stage.config.emits != "caption" and stage.forward is not None
+
+    def message(self) -> np.ndarray:
+        return np.frombuffer(self.result, dtype=np.uint8)
+
+
+def _compatible_groups(pendings: Sequence[Pending]) -> list[list[Pending]]:
+    """Requests that can share one batched pass: all images, or messages with the same layer,
+    token and channel counts and the same kind of positions (in arrival order)."""
+    groups: dict[tuple, list[Pending]] = {}
+    for p in pendings:
+        msg = p.received
+        key = () if isinstance(msg, list) else (msg.layer, msg.hidden.shape[1:], msg.positions is None)
+        groups.setdefault(key, []).append(p)
+    return list(groups.values())
+
+
+def _split(items, counts: Sequence[int]) -> list:
+    """Cut a batch (tensor or list) back into the requests' parts, `counts` samples each."""
+    parts, at = [], 0
+    for n in counts:
+        parts.append(items[at : at + n])
+        at += n
+    return parts
+
+
+def _deal(group: Sequence[Pending], captions: list[str]) -> None:
+    for p, own in zip(group, _split(captions, [p.hop.batch for p in group])):
+        p.result = own
 
 
 def _torch(x: np.ndarray):
