@@ -122,7 +122,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest = train_and_save(cfg, out, log=log)
     manifest = _measure_learned_codecs(cfg, out, manifest, log)
     _print_scores(manifest["heldout_scores"])
-    print(f"trained in {manifest['train_seconds']:.0f} s; weights and manifest in {out}")
+    if args.bottleneck_only:
+        seconds = sum(r["train_seconds"] for k, r in manifest["phases"].items() if k.startswith("bottleneck"))
+        print(f"bottlenecks trained in {seconds:.0f} s; weights and manifest in {out}")
+    else:
+        print(f"trained in {manifest['train_seconds']:.0f} s; weights and manifest in {out}")
     if bundled.get("trained"):
         same = manifest["sha256"].get("model.safetensors") == bundled["sha256"].get("model.safetensors")
         same_draft = manifest["sha256"].get("draft_decoder/model.safetensors") == bundled["sha256"].get(

@@ -231,6 +231,8 @@ def train_bottlenecks(family: CaptionFamily, cfg: TrainConfig, log: Callable[[st
     phase records by name (`bottleneck 8:4`). Deterministic: same family, config and threads give
     the same bottleneck weights and tables."""
     records = {}
+    if not cfg.bottleneck_steps:
+        return records
     for channels, layer in bottleneck_specs(cfg, family.num_layers):
         name = f"bottleneck {channels}:{layer}"
         family.bottlenecks[(channels, layer)], records[name] = train_bottleneck(family, cfg, channels, layer, log)
