@@ -133,7 +133,7 @@ def learned_codec_manifest(family, data_seed: int, count: int, log: Callable[[st
     scenes of `data_seed` through the stages: `codecs` (rate, quality, acceptance at its split layer)
     and the planner's tables `bytes_by_codec`, `acceptance_by_codec`, `quality_by_codec` (one value
     per split layer 0..L; quality 0 where the codec has no bottleneck, so the planner never picks it
-    there)."""
+    there), with the lossless `fp32` quality on the same scenes, which the quality floor starts from."""
     from aiflow.model import scenes
     from aiflow.model.bottleneck import trained
 
@@ -151,6 +151,10 @@ def learned_codec_manifest(family, data_seed: int, count: int, log: Callable[[st
         sizes.setdefault(spec, [r["bytes_mean"]] * (layers + 1))[layer] = r["bytes_mean"]
         accept.setdefault(spec, [r["acceptance"]] * (layers + 1))[layer] = r["acceptance"]
         large.setdefault(spec, [0.0] * (layers + 1))[layer] = r["exact_match"]
+    # The uncompressed quality on the same scenes: the planner's quality floor is measured from it.
+    lossless = measure_codec(family, arrays, refs, "fp32", layers)
+    log(line(lossless))
+    large["fp32"] = [lossless["exact_match"]] * (layers + 1)  # lossless: the same captions at every split
     return {
         "codecs": codecs,
         "bytes_by_codec": sizes,

@@ -55,7 +55,7 @@ class TrainConfig:
     bottleneck_steps: int = 3000
     bottleneck_pool_size: int = 8000  # fresh scenes after the fine-tune pool
     bottleneck_learning_rate: float = 3e-3
-    bottleneck_rate_weight: float = 5e-5
+    bottleneck_rate_weight: float = 2e-5
     bottleneck_distill_weight: float = 1.0  # KL to the large decoder on uncompressed features
 
 
