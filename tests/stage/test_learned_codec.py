@@ -194,3 +194,17 @@ def test_learned_codec_without_a_bottleneck_is_a_clear_error(family, shipped, im
 
 
 WireErrorOrStage = (wire.WireError, StageError)
+
+
+def test_learned_messages_batched_in_one_pass_caption_as_one_by_one(family, shipped, images):
+    spec, layer = shipped
+    head = make("vision_head", family, split_layer=layer, codec=spec)
+    messages = [head.run({"IMAGE": image_tensor(images[i : i + 1])})["MESSAGE"] for i in range(len(images))]
+    lossless = make("vision_head", family, split_layer=layer, codec="fp32").run({"IMAGE": image_tensor(images[:1])})["MESSAGE"]
+    decoder = make("caption_decoder", family)
+    alone = [decoder.run({"FEATURES": m})["CAPTION"][0].decode() for m in messages]
+    pendings = [decoder.receive({"FEATURES": m}) for m in [*messages, lossless]]
+    decoder.compute(pendings)
+    together = [decoder.reply(p)["CAPTION"][0].decode() for p in pendings]
+    assert together[:-1] == alone
+    assert [p.hop.detail["batched_requests"] for p in pendings] == [len(messages)] * len(messages) + [1]
