@@ -5,8 +5,9 @@ Torch-free and numpy-free on purpose: the operator image imports this, never the
 - Stage roles: a Triton model of model_repo/ declares what it accepts and emits (the config.pbtxt
   parameters `aiflow.accepts` / `aiflow.emits`); the pair names its role.
 - Tensor names on the wire between stages.
-- The codec grammar (a spec string like `topk:16+int8+zstd`) and its byte accounting, so the planner
-  can price a codec without running it, and the wire framing each message adds.
+- The codec grammar (a spec string like `topk:16+int8+zstd`, or `learned:8` for the trained
+  task-oriented bottleneck) and its byte accounting, so the planner can price a codec without
+  running it, and the wire framing each message adds.
 """
 
 from __future__ import annotations
@@ -37,8 +38,15 @@ PASSTHROUGH = "passthrough"  # drafter: forward the features as received, plus t
 
 QUANTISERS = ("fp32", "fp16", "int8")
 REDUCERS = ("topk", "merge")
+# The learned bottleneck (aiflow.model.bottleneck): projection to C channels, quantisation and
+# entropy coding with a learned prior, trained with the family; a whole codec on its own.
+LEARNED = "learned"
+MAX_LEARNED_CHANNELS = 256
 DEFAULT_ZSTD_LEVEL = 19
-SPEC_HELP = "steps joined by '+': [topk:K|merge:K] + fp32|fp16|int8 + [zstd[:LEVEL]], e.g. topk:16+int8+zstd"
+SPEC_HELP = (
+    "steps joined by '+': [topk:K|merge:K] + fp32|fp16|int8 + [zstd[:LEVEL]], e.g. topk:16+int8+zstd; "
+    "or learned:C alone (the trained bottleneck with C channels), e.g. learned:8"
+)
 
 
 class CodecError(ValueError):
@@ -53,10 +61,17 @@ class Codec:
     reduce: str | None = None
     keep: int | None = None
     zstd_level: int | None = None
+    channels: int | None = None  # learned:C: latent channels of the trained bottleneck
+
+    @property
+    def learned(self) -> bool:
+        return self.quant == LEARNED
 
     @property
     def spec(self) -> str:
         """The canonical spec string (what `parse_codec` reads back to the same codec)."""
+        if self.learned:
+            return f"{LEARNED}:{self.channels}"
         steps = [f"{self.reduce}:{self.keep}"] if self.reduce else []
         steps.append(self.quant)
         if self.zstd_level is not None:
@@ -74,8 +89,16 @@ def parse_codec(spec: str) -> Codec:
         raise CodecError(f"empty codec spec; expected {SPEC_HELP}")
     quant = reduce = keep = zstd_level = None
     order = 0  # reducers, then the quantiser, then zstd
-    for raw in spec.strip().lower().split("+"):
+    steps = spec.strip().lower().split("+")
+    for raw in steps:
         name, _, arg = raw.strip().partition(":")
+        if name == LEARNED:
+            if len(steps) > 1:
+                raise CodecError(f"codec {spec!r}: {LEARNED}:C is a whole codec (it quantises and entropy-codes); use it alone")
+            channels = _positive_int(spec, raw, arg)
+            if channels > MAX_LEARNED_CHANNELS:
+                raise CodecError(f"codec {spec!r}: at most {MAX_LEARNED_CHANNELS} channels")
+            return Codec(quant=LEARNED, channels=channels)
         if name in REDUCERS:
             if order > 0:
                 raise CodecError(f"codec {spec!r}: token reduction {raw!r} must come first, once")
@@ -114,6 +137,20 @@ WIRE_HEADER_BYTES = 16 + 4 + 4
 
 
 def payload_size(quant: str, shape: tuple[int, int, int]) -> int:
-    """Bytes of the quantised payload before entropy coding."""
+    """Bytes of the quantised payload before entropy coding; for the learned codec, whose size
+    depends on the content, the most its range-coded symbols can take (what a receiver accepts)."""
     b, t, d = shape
+    if quant == LEARNED:
+        return learned_payload_bound(shape)
     return {"fp32": 4 * b * t * d, "fp16": 2 * b * t * d, "int8": b * t * d + 2 * b * d}[quant]
+
+
+# The range coder's probabilities have 24 bits of precision, so one symbol costs at most 24 bits;
+# the coder emits 32-bit words and may add one word per sample when it flushes.
+LEARNED_BITS_PER_SYMBOL = 24
+
+
+def learned_payload_bound(shape: tuple[int, int, int]) -> int:
+    """Largest payload of `learned:C` for latents of shape [B, T, C]."""
+    b, t, c = shape
+    return 4 * (-(-b * t * c * LEARNED_BITS_PER_SYMBOL // 32) + 2 * b)

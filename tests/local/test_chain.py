@@ -15,7 +15,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from aiflow.local.client import caption_images
-from aiflow.local.schemes import SCHEME_NAMES, RunningFlow, get_scheme, startup_wiring, wiring
+from aiflow.local.schemes import DEFAULT_CODEC, SCHEME_NAMES, RunningFlow, get_scheme, startup_wiring, wiring
 from aiflow.local.tritonserver import free_ports, model_config_json
 from aiflow.model import scenes
 from aiflow.stage.config import stage_config
@@ -185,6 +185,27 @@ def test_caption_command_uses_the_running_flow(flow, local_runtime, sample, tmp_
     (result,) = json.loads(capsys.readouterr().out)
     assert result["scheme"] == "split" and result["image"] == str(path)
     assert result["bytes_from_device"] == result["link_bytes"]["device->edge"] == result["hops"][0]["bytes_to_next"]
+    # The default split codec is the learned one: a couple of hundred bytes, counted as the link carried them.
+    assert result["hops"][0]["detail"]["codec_out"] == DEFAULT_CODEC == "learned:16"
+    assert result["bytes_from_device"] < 400
     assert main(["caption", str(path), "--scheme", "edge-only", "--state-dir", state]) == 0
     text = capsys.readouterr().out
     assert f"device->edge {len(images[0][1]):,} B" in text and "edge   captioner" in text
+
+
+def test_the_device_uplink_carries_the_learned_codecs_message_and_little_more(flow, sample):
+    """What the link proxy counted on device->edge for one split request: the wire message the trace
+    reports, plus gRPC's framing of one call (the same few hundred bytes whatever the codec)."""
+    images, _ = sample
+    carried = {}
+    for codec in ("learned:16", "int8"):
+        scheme = get_scheme("split", codec=codec)
+        flow.apply(wiring(scheme))
+        caption_images(flow, scheme, images[:1])  # warm: the channel is set up before counting
+        before = flow.link_counters()["device->edge"]["bytes_up"]
+        (result,) = caption_images(flow, scheme, images[:1])
+        carried[codec] = (flow.link_counters()["device->edge"]["bytes_up"] - before, result.hops[0]["bytes_to_next"])
+    (learned_wire, learned_msg), (int8_wire, int8_msg) = carried["learned:16"], carried["int8"]
+    assert learned_msg < 400 < 3000 < int8_msg
+    assert learned_wire >= learned_msg and int8_wire >= int8_msg
+    assert abs((learned_wire - learned_msg) - (int8_wire - int8_msg)) < 100  # the same call overhead

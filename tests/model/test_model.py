@@ -146,17 +146,26 @@ def test_training_is_deterministic_and_resumes_from_a_checkpoint(tmp_path):
 
     quiet = lambda line: None  # noqa: E731
     cfg = TrainConfig(steps=3, pool_size=12, batch_size=4, warmup_steps=1, probe_every=0,
-                      finetune_steps=2, finetune_pool_size=8)
-    first, _ = train_family(cfg, log=quiet)
+                      finetune_steps=2, finetune_pool_size=8,
+                      bottlenecks=("4:2",), bottleneck_steps=3, bottleneck_pool_size=8)
+    first, record = train_family(cfg, log=quiet)
     second, _ = train_family(cfg, log=quiet)
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The bottleneck phase is deterministic too, and leaves the family's own weights alone.
+    assert "bottleneck 4:2" in record["phases"]
+    bn_a, bn_b = first.bottlenecks[(4, 2)].state_dict(), second.bottlenecks[(4, 2)].state_dict()
+    assert all(torch.equal(bn_a[k], bn_b[k]) for k in bn_a)
+    assert int(bn_a["tables"].sum(dim=1).unique()) == 1 << 16
+    save_family(first, tmp_path / "with_bottleneck")
+    loaded = load_family(tmp_path / "with_bottleneck").bottlenecks[(4, 2)].state_dict()
+    assert all(torch.equal(bn_a[k], loaded[k]) for k in bn_a)
     untrained = random_family(cfg.seed).state_dict()
     assert any(not torch.equal(a[k], untrained[k]) for k in a)  # it did learn something
 
     # Fine-tuning a saved main-phase checkpoint gives the same weights as training in one go.
-    main_only, _ = train_family(replace(cfg, finetune_steps=0), log=quiet)
+    main_only, _ = train_family(replace(cfg, finetune_steps=0, bottleneck_steps=0), log=quiet)
     save_family(main_only, tmp_path)
     resumed, _ = train_phase(load_family(tmp_path), cfg, training_phases(cfg)[1], log=quiet)
     c = resumed.state_dict()

@@ -42,6 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="initialisation seed (default: as the bundled weights)")
     p.add_argument("--data-seed", type=int, default=None, help="scene seed (default: as the bundled weights)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1; the weights depend on it)")
+    p.add_argument(
+        "--bottleneck-only",
+        action="store_true",
+        help="train only the learned codec's bottlenecks, on the frozen family of --weights (default: the bundled one)",
+    )
+    p.add_argument("--weights", default=None, help="with --bottleneck-only: the family to start from (default: the bundled weights)")
+    p.add_argument("--bottleneck", action="append", default=None, metavar="C:L",
+                   help="a bottleneck to train: C channels at split layer L (repeatable; default: as the bundled weights)")
+    p.add_argument("--rate-weight", type=float, default=None,
+                   help="the rate knob: loss per bit per image in the bottleneck phase (default: as the bundled weights)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(
@@ -81,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from aiflow.model.checkpoint import WEIGHTS_DIR, CheckpointError, read_manifest
-    from aiflow.model.train import TrainConfig, train_and_save
+    from aiflow.model.train import TrainConfig, bottleneck_specs, train_and_save
 
     for name in ("steps", "threads"):
         _positive(name, getattr(args, name))
@@ -92,13 +102,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         bundled = read_manifest()
     except CheckpointError:
         bundled = {}
-    cfg = TrainConfig(**bundled["train"]) if bundled.get("trained") else TrainConfig()
-    overrides = {"steps": args.steps, "seed": args.seed, "data_seed": args.data_seed, "threads": args.threads}
+    cfg = TrainConfig(**_train_fields(bundled["train"])) if bundled.get("trained") else TrainConfig()
+    overrides = {"steps": args.steps, "seed": args.seed, "data_seed": args.data_seed, "threads": args.threads,
+                 "bottlenecks": tuple(args.bottleneck) if args.bottleneck else None, "bottleneck_rate_weight": args.rate_weight}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if args.rate_weight is not None and args.rate_weight < 0:
+        raise CLIError(f"--rate-weight must be >= 0, got {args.rate_weight}")
+    try:
+        bottleneck_specs(cfg)
+    except ValueError as exc:
+        raise CLIError(f"--bottleneck: {exc}") from exc
+    log = lambda line: print(line, flush=True)  # noqa: E731
     print(f"training with {cfg}")
-    manifest = train_and_save(cfg, out, log=lambda line: print(line, flush=True))
+    if args.bottleneck_only:
+        manifest = _train_bottlenecks_only(cfg, args.weights, out, log)
+    else:
+        if args.weights:
+            raise CLIError("--weights only goes with --bottleneck-only (a full run trains the family from scratch)")
+        manifest = train_and_save(cfg, out, log=log)
+    manifest = _measure_learned_codecs(cfg, out, manifest, log)
     _print_scores(manifest["heldout_scores"])
-    print(f"trained in {manifest['train_seconds']:.0f} s; weights and manifest in {out}")
+    if args.bottleneck_only:
+        seconds = sum(r["train_seconds"] for k, r in manifest["phases"].items() if k.startswith("bottleneck"))
+        print(f"bottlenecks trained in {seconds:.0f} s; weights and manifest in {out}")
+    else:
+        print(f"trained in {manifest['train_seconds']:.0f} s; weights and manifest in {out}")
     if bundled.get("trained"):
         same = manifest["sha256"].get("model.safetensors") == bundled["sha256"].get("model.safetensors")
         same_draft = manifest["sha256"].get("draft_decoder/model.safetensors") == bundled["sha256"].get(
@@ -110,6 +138,48 @@ def cmd_train(args: argparse.Namespace) -> int:
             else "weights differ from the bundled ones (different settings, thread count or library versions)"
         )
     return 0
+
+
+def _train_fields(recorded: dict) -> dict:
+    """A manifest's `train` record as TrainConfig keywords (lists back to tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
+
+
+def _train_bottlenecks_only(cfg, weights: str | None, out: Path, log) -> dict:
+    """The bottleneck phase alone on a trained family: its files stay as they are, bottleneck/ and the
+    manifest are written anew."""
+    from dataclasses import asdict
+
+    from aiflow.model.checkpoint import MANIFEST_FILE, CheckpointError, file_checksums, read_manifest, save_family
+    from aiflow.model.family import load_family
+    from aiflow.model.train import train_bottlenecks
+
+    try:
+        family = load_family(weights)
+        manifest = read_manifest(weights)
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from exc
+    family.bottlenecks = {}
+    phases = train_bottlenecks(family, cfg, log)
+    save_family(family, out)
+    manifest["train"] = asdict(cfg)
+    manifest["phases"] = {**{k: v for k, v in manifest.get("phases", {}).items() if not k.startswith("bottleneck")}, **phases}
+    manifest["sha256"] = file_checksums(out)
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _measure_learned_codecs(cfg, out: Path, manifest: dict, log) -> dict:
+    """Add each learned codec's measured rate, quality and acceptance (through the stages) to the manifest."""
+    from aiflow.local.rates import learned_codec_manifest
+    from aiflow.model.checkpoint import MANIFEST_FILE
+    from aiflow.model.family import load_family
+
+    log(f"measuring the learned codecs on {cfg.eval_count} held-out scenes")
+    measured = learned_codec_manifest(load_family(out), cfg.data_seed, cfg.eval_count, log)
+    manifest = {**{k: v for k, v in manifest.items() if k not in ("codecs", "bytes_by_codec", "acceptance_by_codec", "quality_by_codec")}, **measured}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

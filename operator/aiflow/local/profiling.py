@@ -349,6 +349,17 @@ class LocalStages:
         out = self._stages[key].run({TENSORS["features"]: np.frombuffer(message, dtype=np.uint8)})
         return out[MESSAGE].tobytes()
 
+    def available(self, layer: int, codec: str) -> bool:
+        """Whether `codec` can encode features at `layer` (a learned codec only where it was trained)."""
+        c = contract.parse_codec(codec)
+        return not c.learned or (c.channels, layer) in self.family.bottlenecks
+
+    def tables(self, codec: contract.Codec, layer: int) -> np.ndarray:
+        """A learned codec's probability tables, for reading its messages (aiflow.stage.wire)."""
+        from aiflow.model.bottleneck import bottleneck_of
+
+        return bottleneck_of(self.family, codec.channels, layer).coding_tables()
+
 
 def measure(
     model_repo: str | Path | None = None,
@@ -467,6 +478,11 @@ def _measure_quality(client: StageClient, local: LocalStages, family, m: Measure
     for codec in all_codecs:
         sizes, large_q, small_q = [], [], []
         for layer in range(L + 1):
+            if not local.available(layer, codec):  # no bottleneck there: the planner must never pick it
+                sizes.append(None)
+                large_q.append(0.0)
+                small_q.append(0.0)
+                continue
             sizes.append(float(np.mean([len(local.reencode(msg, layer, codec)) for msg in singles0])))
             batch = local.reencode(batch0, layer, codec)
             large = client.call("caption_decoder", batch)
@@ -474,13 +490,16 @@ def _measure_quality(client: StageClient, local: LocalStages, family, m: Measure
             captions = [c.decode() for c in large.outputs[TENSORS["caption"]]]
             large_q.append(getattr(quality.score(captions, references), m.quality_metric))
             drafts = client.call("caption_drafter", batch).outputs[MESSAGE].tobytes()
-            small = [family.decode_text(d) for d in wire.decode(drafts).drafts]
+            small = [family.decode_text(d) for d in wire.decode(drafts, tables=local.tables).drafts]
             small_q.append(getattr(quality.score(small, references), m.quality_metric))
             if codec == LOSSLESS and layer == L:  # speculative decoding on lossless features
                 verified = client.call("caption_verifier", drafts)
                 m.accepted = list(verified.hops[0]["detail"].get("accepted_tokens", []))
                 m.caption_tokens = _large_lengths(family, [batch])
-        m.feature_bytes[codec] = sizes
+        known = [b for b in sizes if b is not None]
+        if not known:
+            raise ProfilingError(f"codec {codec}: the served weights have no trained bottleneck for it at any split layer; train one (`aiflow train --bottleneck-only`) or drop it from the profile's features.codecs")
+        m.feature_bytes[codec] = [known[0] if b is None else b for b in sizes]  # a size where it cannot run is never used
         m.quality["large"][codec], m.quality["small"][codec] = large_q, small_q
     m.feature_bytes.pop(LOSSLESS)
 
@@ -527,9 +546,12 @@ def _codec_ms(local: LocalStages, messages: Sequence[bytes], codecs: Sequence[st
     base_dec = timed(wire.decode)
     out = {}
     for codec in codecs:
+        if not local.available(layer, codec):
+            out[codec] = (0.0, 0.0)
+            continue
         encoded = {msg: local.reencode(msg, layer, codec) for msg in messages}
         enc = timed(lambda msg: local.reencode(msg, layer, codec)) - base_enc
-        dec = timed(lambda msg: wire.decode(encoded[msg])) - base_dec
+        dec = timed(lambda msg: wire.decode(encoded[msg], tables=local.tables)) - base_dec
         out[codec] = (max(enc, 0.0), max(dec, 0.0))
     return out
 

@@ -7,6 +7,8 @@ Layout (what `save_family` writes and `load_checkpoint` reads):
   tokenizer.json, tokenizer_config.json
   preprocessor_config.json           optional: image_mean / image_std (ViTImageProcessor)
   aiflow_family.json                 optional: the FamilyConfig (derived from the configs when absent)
+  bottleneck/                        optional: trained learned-codec bottlenecks (aiflow.model.bottleneck),
+                                     learned-C-layerL.safetensors each
   manifest.json                      bundled weights only: training record, scores, sha256 of every file
 
 Any user checkpoint saved with `VisionEncoderDecoderModel.save_pretrained` (a ViT-style encoder and a
@@ -22,6 +24,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from aiflow.model.bottleneck import load_bottlenecks, save_bottlenecks
 from aiflow.model.family import CaptionFamily, Decoder, FamilyConfig, configure_threads, encoder_layers
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -71,6 +74,7 @@ def save_family(family: CaptionFamily, out_dir: str | Path) -> Path:
     }
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1) + "\n")
     (out / FAMILY_FILE).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    save_bottlenecks(family, out)
     return out
 
 
@@ -123,7 +127,15 @@ def load_checkpoint(path: str | Path | None = None) -> CaptionFamily:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(root)
     config = _family_config(root, ved, small.lm.config, tokenizer)
     # Same module order as a freshly built family, so training can continue from a checkpoint.
-    return CaptionFamily(config, encoder, {"small": small, "large": large}, tokenizer).eval()
+    family = CaptionFamily(config, encoder, {"small": small, "large": large}, tokenizer).eval()
+    try:
+        family.bottlenecks = load_bottlenecks(root)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    for (channels, layer), bn in family.bottlenecks.items():
+        if bn.dims != config.hidden_size or not 0 <= layer <= config.num_layers:
+            raise CheckpointError(f"bottleneck learned:{channels} at layer {layer} does not fit this model ({config.hidden_size} channels, {config.num_layers} layers)")
+    return family
 
 
 @contextlib.contextmanager

@@ -181,6 +181,10 @@ class CaptionFamily(nn.Module):
         self.tokenizer = tokenizer
         self.layers = encoder_layers(encoder)
         self.num_layers = len(self.layers)
+        # Trained learned-codec bottlenecks by (channels, split layer) (aiflow.model.bottleneck). A
+        # plain dict, not submodules: training the family never touches them, the bottleneck phase
+        # trains them on the frozen family.
+        self.bottlenecks: dict = {}
         self.eval()
 
     # ----------------------------------------------------------------- encoder side

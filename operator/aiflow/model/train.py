@@ -49,6 +49,14 @@ class TrainConfig:
     finetune_learning_rate: float = 5e-4
     eval_count: int = 500  # held-out scenes scored at the end
     probe_every: int = 500  # log held-out exact match every N steps (0: never); no effect on the weights
+    # The learned codec's bottlenecks ("C:L": C channels at split layer L), trained after the family
+    # on the frozen family; `bottleneck_rate_weight` is the rate knob (loss per bit per image).
+    bottlenecks: tuple[str, ...] = ("16:4",)
+    bottleneck_steps: int = 3000
+    bottleneck_pool_size: int = 8000  # fresh scenes after the fine-tune pool
+    bottleneck_learning_rate: float = 3e-3
+    bottleneck_rate_weight: float = 2e-5
+    bottleneck_distill_weight: float = 1.0  # KL to the large decoder on uncompressed features
 
 
 def simulate_int8(hidden: torch.Tensor) -> torch.Tensor:
@@ -82,6 +90,15 @@ def caption_batch(family: CaptionFamily, captions: list[str]) -> tuple[torch.Ten
     return ids, labels
 
 
+def _optimise(optimizer, schedule, loss: torch.Tensor, parameters) -> None:
+    """One step: gradients of `loss`, clipped to norm 1, then the optimizer and its schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -113,6 +130,21 @@ def training_phases(cfg: TrainConfig) -> list[Phase]:
     return [main, tune] if cfg.finetune_steps else [main]
 
 
+def bottleneck_specs(cfg: TrainConfig, layers: int | None = None) -> list[tuple[int, int]]:
+    """(channels, layer) of every bottleneck the config trains; ValueError for a malformed entry."""
+    out = []
+    for spec in cfg.bottlenecks:
+        channels, _, layer = str(spec).partition(":")
+        try:
+            pair = (int(channels), int(layer))
+        except ValueError:
+            raise ValueError(f"bottleneck {spec!r} must be CHANNELS:LAYER, e.g. 8:4") from None
+        if pair[0] < 1 or pair[1] < 0 or layers is not None and pair[1] > layers:
+            raise ValueError(f"bottleneck {spec!r}: channels must be >= 1 and the layer within 0..{layers}")
+        out.append(pair)
+    return out
+
+
 def train_family(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[CaptionFamily, dict]:
     """Train a family from scratch; the same config (and thread count) gives the same weights."""
     torch.set_num_threads(cfg.threads)
@@ -122,6 +154,7 @@ def train_family(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[
     record = {}
     for phase in training_phases(cfg):
         family, record[phase.name] = train_phase(family, cfg, phase, log)
+    record.update(train_bottlenecks(family, cfg, log))
     record = {
         "train_seconds": round(sum(r["train_seconds"] for r in record.values()), 1),
         "total_seconds": round(sum(r["total_seconds"] for r in record.values()), 1),
@@ -172,11 +205,7 @@ def train_phase(family: CaptionFamily, cfg: TrainConfig, phase: Phase, log: Call
         loss_small = small.lm(
             input_ids=ids, attention_mask=mask, encoder_hidden_states=small.project(features.detach()), labels=labels
         ).loss
-        optimizer.zero_grad(set_to_none=True)
-        (loss_large + loss_small).backward()
-        torch.nn.utils.clip_grad_norm_(family.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        _optimise(optimizer, schedule, loss_large + loss_small, family.parameters())
         if step % 50 == 0 or step == phase.steps - 1:
             log(
                 f"{phase.name}: step {step:5d}  loss large {loss_large.item():.4f}  small {loss_small.item():.4f}  "
@@ -195,6 +224,97 @@ def train_phase(family: CaptionFamily, cfg: TrainConfig, phase: Phase, log: Call
         "final_loss": {"large": round(loss_large.item(), 5), "small": round(loss_small.item(), 5)},
     }
     return family, record
+
+
+def train_bottlenecks(family: CaptionFamily, cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """The bottleneck phase: every bottleneck of `cfg.bottlenecks` on the frozen family; returns the
+    phase records by name (`bottleneck 8:4`). Deterministic: same family, config and threads give
+    the same bottleneck weights and tables."""
+    records = {}
+    if not cfg.bottleneck_steps:
+        return records
+    for channels, layer in bottleneck_specs(cfg, family.num_layers):
+        name = f"bottleneck {channels}:{layer}"
+        family.bottlenecks[(channels, layer)], records[name] = train_bottleneck(family, cfg, channels, layer, log)
+    return records
+
+
+def train_bottleneck(family: CaptionFamily, cfg: TrainConfig, channels: int, layer: int, log: Callable[[str], None] = print):
+    """Train one bottleneck at split layer `layer` on the frozen family: caption cross-entropy of both
+    decoders on the reconstructed features, plus KL to the large decoder on the uncompressed ones,
+    plus `bottleneck_rate_weight` x bits per image under the learned prior."""
+    from aiflow.model.bottleneck import Bottleneck
+
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    seed = cfg.seed + 100 + 10 * channels + layer
+    torch.manual_seed(seed)
+    name = f"bottleneck {channels}:{layer}"
+    started = time.monotonic()
+    first = cfg.pool_size + cfg.finetune_pool_size
+    pool = cfg.bottleneck_pool_size
+    images, captions = scenes.make_batch(cfg.data_seed, first, pool, "train")
+    was_training = family.training
+    family.eval()
+    with torch.inference_mode():  # the frozen encoder before the split: computed once per scene
+        cached = torch.cat([family.encode_layers(family.embed(family.preprocess(images[i : i + 200])), 0, layer) for i in range(0, pool, 200)])
+    cached = cached.clone()
+    log(f"{name}: {pool} training scenes through layers [0, {layer}) in {time.monotonic() - started:.0f} s")
+    frozen = [p for p in family.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    bn = Bottleneck(family.config.hidden_size, channels, layer)
+    optimizer = torch.optim.Adam(bn.parameters(), lr=cfg.bottleneck_learning_rate)
+    warmup = 50
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.bottleneck_steps, warmup))
+    order_gen = torch.Generator().manual_seed(seed)
+    large, small = family.decoders["large"], family.decoders["small"]
+    train_started = time.monotonic()
+    family.train()  # gradients flow through the frozen modules to the bottleneck (no dropout here)
+    bn.train()
+    try:
+        for step in range(cfg.bottleneck_steps):
+            index = torch.randint(0, pool, (cfg.batch_size,), generator=order_gen)
+            hidden = cached[index]
+            rebuilt, bits = bn(hidden)
+            features = family.finish(family.encode_layers(rebuilt, layer, family.num_layers))
+            ids, labels = caption_batch(family, [captions[i] for i in index.tolist()])
+            mask = torch.ones_like(ids)
+            out_large = large.lm(input_ids=ids, attention_mask=mask, encoder_hidden_states=large.project(features), labels=labels)
+            loss_small = small.lm(input_ids=ids, attention_mask=mask, encoder_hidden_states=small.project(features), labels=labels).loss
+            loss = out_large.loss + 0.5 * loss_small + cfg.bottleneck_rate_weight * bits.mean()
+            distill = torch.zeros(())
+            if cfg.bottleneck_distill_weight:
+                with torch.no_grad():
+                    teacher = family.finish(family.encode_layers(hidden, layer, family.num_layers))
+                    target = large.lm(input_ids=ids, attention_mask=mask, encoder_hidden_states=large.project(teacher)).logits
+                tokens = (labels != -100).float()
+                kl = torch.nn.functional.kl_div(out_large.logits.log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="none")
+                distill = (kl.sum(-1) * tokens).sum() / tokens.sum()
+                loss = loss + cfg.bottleneck_distill_weight * distill
+            _optimise(optimizer, schedule, loss, bn.parameters())
+            if step % 100 == 0 or step == cfg.bottleneck_steps - 1:
+                log(
+                    f"{name}: step {step:5d}  loss large {out_large.loss.item():.4f}  small {loss_small.item():.4f}  "
+                    f"distill {distill.item():.4f}  bits/image {bits.mean().item():.0f}  {time.monotonic() - train_started:.0f} s"
+                )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        family.train(was_training)
+    bn.eval()
+    bn.freeze_tables()
+    record = {
+        "steps": cfg.bottleneck_steps,
+        "scenes": [first, first + pool],
+        "channels": channels,
+        "layer": layer,
+        "rate_weight": cfg.bottleneck_rate_weight,
+        "train_seconds": round(time.monotonic() - train_started, 1),
+        "total_seconds": round(time.monotonic() - started, 1),
+        "final_loss": {"large": round(out_large.loss.item(), 5), "small": round(loss_small.item(), 5), "bits_per_image": round(bits.mean().item(), 1)},
+    }
+    return bn, record
 
 
 def _probe(family: CaptionFamily, data_seed: int, count: int = 100) -> dict[str, float]:

@@ -93,6 +93,7 @@ class Grid:
     token_scale: np.ndarray  # (1,1,C) tokens after the codec's reduction / all tokens
     bytes_at_split: np.ndarray  # (1,S,C) features message taken at the split
     bytes_final: np.ndarray  # (1,1,C) features message after the whole encoder
+    acceptance: np.ndarray  # (1,S,C) share of draft tokens accepted on features through the codec at the split
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -107,6 +108,7 @@ def make_grid(profile: Profile, modes, splits, codecs) -> Grid:
     dec = np.array([profile.codec_cost(c)[1] if c else 0.0 for c in codecs])
     scale = np.array([profile.kept_tokens(c) / profile.tokens if c else 1.0 for c in codecs])
     table = np.stack([profile.feature_bytes_by_layer(c) if c else np.zeros(profile.layers + 1) for c in codecs], axis=1)
+    accept = np.stack([profile.acceptance_by_layer(c) for c in codecs], axis=1)
     return Grid(
         modes=tuple(modes),
         splits=tuple(splits),
@@ -118,6 +120,7 @@ def make_grid(profile: Profile, modes, splits, codecs) -> Grid:
         token_scale=scale[None, None, :],
         bytes_at_split=table[split_idx][None, :, :],
         bytes_final=table[-1][None, None, :],
+        acceptance=accept[split_idx][None, :, :],
     )
 
 
@@ -132,7 +135,8 @@ def chain_terms(profile: Profile, models: tuple[str, ...], grid: Grid) -> tuple[
     total = sum(p.layer_ms)
     tokens = p.tokens_per_caption
     greedy_large = tokens * p.large_token_ms
-    speculate = tokens * p.small_token_ms + p.verify_ms + (1 - p.acceptance) * greedy_large
+    # Drafts from coarser features are accepted less: the acceptance is the codec's, at the split.
+    speculate = tokens * p.small_token_ms + p.verify_ms + (1 - g.acceptance) * greedy_large
     decode = (1 - g.speculative) * greedy_large + g.speculative * speculate
     stage_ms, hops = [], [(IMAGE, np.full(g.shape, float(p.png_bytes)))]
     rest, message = 0.0, None  # encoder work left in the message that reaches the next stage, its bytes
@@ -151,7 +155,7 @@ def chain_terms(profile: Profile, models: tuple[str, ...], grid: Grid) -> tuple[
             ms = g.decode_ms + rest + tokens * p.small_token_ms
             message = (DRAFTS, message[1] + p.draft_bytes)
         else:  # caption_verifier: finish the encoder, one pass over the drafts, greedy from the first rejection
-            ms = g.decode_ms + rest + p.verify_ms + (1 - p.acceptance) * greedy_large
+            ms = g.decode_ms + rest + p.verify_ms + (1 - g.acceptance) * greedy_large
         stage_ms.append(np.broadcast_to(ms, g.shape))
         if i < len(models) - 1:  # every stage but the last sends its message on
             hops.append((message[0], np.broadcast_to(message[1], g.shape)))

@@ -36,6 +36,7 @@ class ProfileError(DocumentError):
 _NUM = {"type": "number", "minimum": 0}
 _POS = {"type": "number", "exclusiveMinimum": 0}
 _SCORE = {"type": "number", "minimum": 0, "maximum": 100}
+_SHARE = {"type": "number", "minimum": 0, "maximum": 1}
 _SCHEMA = {
     "type": "object",
     "required": ["kind", "encoder", "decoder", "image", "features", "quality", "memoryMiB"],
@@ -72,6 +73,12 @@ _SCHEMA = {
                 "verifyMs": _NUM,
                 "tokensPerCaption": _POS,
                 "acceptance": {"type": "number", "minimum": 0, "maximum": 1},
+                # per codec (one number, or one per split layer 0..L): drafts from coarser features
+                # are accepted less; `acceptance` holds for uncompressed features and unlisted codecs
+                "acceptanceByCodec": {
+                    "type": "object",
+                    "additionalProperties": {"oneOf": [_SHARE, {"type": "array", "items": _SHARE, "minItems": 1}]},
+                },
             },
         },
         "image": {
@@ -155,6 +162,7 @@ class Profile:
     zstd_ratio: Mapping[str, float] = field(default_factory=lambda: _frozen(_DEFAULT_ZSTD_RATIO))
     measured_bytes: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: _frozen({}))  # per layer 0..L
     codec_ms: Mapping[str, tuple[float, float]] = field(default_factory=lambda: _frozen({}))  # (encode, decode)
+    acceptance_by_codec: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: _frozen({}))  # per layer 0..L
     quality: Mapping[str, Mapping[str, tuple[float, ...]]] = field(default_factory=lambda: _frozen({}))  # per layer 0..L
     quality_metric: str = "exact_match"
     quality_source: str = "profile"
@@ -189,12 +197,20 @@ class Profile:
         if measured:
             return np.array(measured)
         codec = parse_codec(spec)
+        if codec.learned:
+            raise ProfileError(f"codec {spec}: a learned codec's size depends on the content; give its measured bytes in features.bytes (or the weights manifest's bytes_by_codec)")
         kept = self.kept_tokens(spec)
         payload = payload_size(codec.quant, (1, kept, self.dims))
         if codec.zstd_level is not None:
             payload *= self.zstd_ratio.get(codec.quant, _DEFAULT_ZSTD_RATIO[codec.quant])
         positions = 2 * kept if codec.reduce == "topk" else 0
         return np.full(self.layers + 1, WIRE_HEADER_BYTES + len(codec.spec) + positions + payload)
+
+    def acceptance_by_layer(self, spec: str | None) -> np.ndarray:
+        """Share of draft tokens the large decoder accepts on features through codec `spec` after each
+        split layer 0..L (the profile's `acceptance` where it has nothing for the codec)."""
+        measured = self.acceptance_by_codec.get(spec) if spec else None
+        return np.array(measured) if measured else np.full(self.layers + 1, self.acceptance)
 
     def codec_cost(self, spec: str) -> tuple[float, float]:
         """(encode ms, decode ms) of a codec at reference speed; 0 where the profile says nothing."""
@@ -226,6 +242,12 @@ def load_profile(path: str | Path | None = None, manifest: str | Path | None = W
             raise ProfileError(f"weights manifest {manifest} is not readable JSON: {exc}") from exc
         check_model_shape(profile, data, str(manifest))
         profile = with_manifest_quality(profile, data, str(manifest))
+    unpriced = [c for c in profile.codecs if parse_codec(c).learned and c not in profile.measured_bytes]
+    if unpriced:
+        raise ProfileError(
+            f"{path}: no measured size for learned codec(s) {unpriced} (its size depends on the content): give it in "
+            "features.bytes, or use weights whose manifest lists it in bytes_by_codec"
+        )
     return profile
 
 
@@ -264,6 +286,7 @@ def profile_from_dict(doc: Any, where: str = "profile") -> Profile:
     if len(set(codecs)) != len(codecs):
         raise ProfileError(f"{where}: features.codecs lists the same codec twice under different spellings: {list(feats['codecs'])}")
     measured = _per_layer_table(feats.get("bytes", {}), layers, f"{where}: features.bytes")
+    accept = _per_layer_table(dec.get("acceptanceByCodec", {}), layers, f"{where}: decoder.acceptanceByCodec")
     quality = {d: _per_layer_table(qual[d], layers, f"{where}: quality.{d}") for d in DECODERS if d in qual}
     missing = [c for c in (*codecs, LOSSLESS) if c not in quality["large"]]
     if missing:
@@ -284,6 +307,7 @@ def profile_from_dict(doc: Any, where: str = "profile") -> Profile:
         codecs=codecs,
         zstd_ratio=_frozen({**_DEFAULT_ZSTD_RATIO, **feats.get("zstdRatio", {})}),
         measured_bytes=_frozen(measured),
+        acceptance_by_codec=_frozen(accept),
         codec_ms=_frozen(
             {_canonical(k, f"{where}: features.codecMs"): (float(v.get("encode", 0)), float(v.get("decode", 0))) for k, v in feats.get("codecMs", {}).items()}
         ),
@@ -300,8 +324,24 @@ def profile_from_dict(doc: Any, where: str = "profile") -> Profile:
 
 def with_manifest_quality(profile: Profile, manifest: dict, where: str) -> Profile:
     """Take quality per (decoder, codec) from the weights manifest's `quality_by_codec` mapping
-    (`{"large": {"int8+zstd": 98.5, ...}, "metric": "exact_match"}`) when it has one."""
-    table = manifest.get("quality_by_codec") if isinstance(manifest, dict) else None
+    (`{"large": {"int8+zstd": 98.5, ...}, "metric": "exact_match"}`) when it has one, and the measured
+    wire bytes and draft acceptance per codec from `bytes_by_codec` / `acceptance_by_codec`
+    (`{codec: number | [one per split layer]}`): they belong to the weights, a learned codec's above all."""
+    if not isinstance(manifest, dict):
+        return profile
+    measured = {}
+    for key, field_name, item in (("bytes_by_codec", "measured_bytes", _POS), ("acceptance_by_codec", "acceptance_by_codec", _SHARE)):
+        table = manifest.get(key)
+        if not isinstance(table, dict):
+            continue
+        schema = {"type": "object", "additionalProperties": {"oneOf": [item, {"type": "array", "items": item, "minItems": 1}]}}
+        try:
+            check_schema(table, schema, f"weights manifest {where}: {key}")
+        except DocumentError as exc:
+            raise ProfileError(str(exc)) from exc
+        measured[field_name] = _frozen({**getattr(profile, field_name), **_per_layer_table(table, profile.layers, f"weights manifest {where}: {key}")})
+    profile = replace(profile, **measured)
+    table = manifest.get("quality_by_codec")
     if not isinstance(table, dict):
         return profile
     try:

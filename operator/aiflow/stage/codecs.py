@@ -12,6 +12,11 @@ A codec is a spec string of steps joined by `+` (the grammar and its byte accoun
 
 Examples: `fp32`, `fp16`, `int8`, `topk:16+int8+zstd`, `merge:16+fp16+zstd`.
 Tensors here are numpy float32 arrays `[B, T, D]`, token 0 being CLS.
+
+`learned:C` is a codec of its own: the trained bottleneck (aiflow.model.bottleneck) turns hidden
+states into integer symbols `[B, T, C]`, which are range-coded here (constriction) with the
+bottleneck's learned per-channel probability tables; both ends of a link hold the same tables (the
+same weights), so decoding gives the very symbols back.
 """
 
 from __future__ import annotations
@@ -19,6 +24,12 @@ from __future__ import annotations
 import numpy as np
 
 from aiflow.contract import Codec, CodecError, payload_size
+from aiflow.model.bottleneck import ALPHABET
+
+# Bounds on what a learned-codec message may claim, so a small message cannot make a stage allocate
+# or decode without end (a ViT of 37 tokens x 8 channels is 296 symbols per image).
+MAX_LEARNED_SYMBOLS_PER_SAMPLE = 1 << 16
+MAX_LEARNED_SYMBOLS = 1 << 22
 
 # ---- token reduction ------------------------------------------------------------------------------
 
@@ -90,9 +101,12 @@ def _merge_round(x: np.ndarray, size: np.ndarray, want: int) -> tuple[np.ndarray
 # ---- quantisation and entropy coding --------------------------------------------------------------
 
 
-def pack(codec: Codec, hidden: np.ndarray) -> bytes:
-    """Quantise and entropy-code `hidden` (already reduced) into payload bytes."""
+def pack(codec: Codec, hidden: np.ndarray, tables: np.ndarray | None = None) -> bytes:
+    """Quantise and entropy-code `hidden` (already reduced) into payload bytes. For `learned:C`,
+    `hidden` holds the bottleneck's integer symbols and `tables` its probability tables."""
     _check_hidden(hidden)
+    if codec.learned:
+        return range_encode(_symbols(codec, hidden), _tables(codec, tables))
     if codec.quant == "fp32":
         raw = np.ascontiguousarray(hidden, dtype="<f4").tobytes()
     elif codec.quant == "fp16":
@@ -108,11 +122,19 @@ def pack(codec: Codec, hidden: np.ndarray) -> bytes:
     return raw
 
 
-def unpack(codec: Codec, payload: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+def unpack(codec: Codec, payload: bytes, shape: tuple[int, int, int], tables: np.ndarray | None = None) -> np.ndarray:
     """Inverse of `pack`: payload bytes back to float32 `[B, T, D]`; CodecError if they do not fit."""
     b, t, d = shape
     expected = payload_size(codec.quant, shape)
     raw = bytes(payload)
+    if codec.learned:
+        if t * d > MAX_LEARNED_SYMBOLS_PER_SAMPLE or b * t * d > MAX_LEARNED_SYMBOLS:
+            raise CodecError(f"{codec.spec!r} symbols of shape {list(shape)} exceed the bounds ({MAX_LEARNED_SYMBOLS_PER_SAMPLE} per sample, {MAX_LEARNED_SYMBOLS} per message)")
+        if d != codec.channels:
+            raise CodecError(f"codec {codec.spec!r} carries {codec.channels} channels, the message says {d}")
+        if not 0 < len(raw) <= expected or len(raw) % 4:
+            raise CodecError(f"payload of {len(raw)} bytes cannot be {codec.spec!r} symbols of shape {list(shape)} (32-bit words, at most {expected} bytes)")
+        return range_decode(raw, _tables(codec, tables), shape).astype(np.float32)
     if codec.zstd_level is not None:
         import zstandard
 
@@ -142,6 +164,58 @@ def int8_scales(hidden: np.ndarray) -> np.ndarray:
     too_small = scale.astype(np.float32) < peak
     scale[too_small] = np.nextafter(scale[too_small], np.float16(np.inf))
     return scale
+
+
+# ---- range coding of the learned bottleneck's symbols -----------------------------------------------
+
+
+def range_encode(symbols: np.ndarray, tables: np.ndarray) -> bytes:
+    """Integer symbols [B, T, C] in [-A, A] -> range-coded bytes, every symbol of channel c coded with
+    the probabilities `tables[c]` (integer counts over the 2A+1 symbols)."""
+    import constriction
+
+    b, t, c = symbols.shape
+    model = constriction.stream.model.Categorical(perfect=False)
+    probabilities = np.tile(tables.astype(np.float64), (t, 1))  # one row per symbol of a sample
+    encoder = constriction.stream.queue.RangeEncoder()
+    for sample in symbols:
+        encoder.encode((sample.reshape(-1) + ALPHABET).astype(np.int32), model, probabilities)
+    return encoder.get_compressed().astype("<u4").tobytes()
+
+
+def range_decode(payload: bytes, tables: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Inverse of `range_encode`: int32 symbols [B, T, C]; CodecError on bytes that are not such a stream."""
+    import constriction
+
+    b, t, c = shape
+    model = constriction.stream.model.Categorical(perfect=False)
+    probabilities = np.tile(tables.astype(np.float64), (t, 1))
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+        out = np.stack([decoder.decode(model, probabilities).reshape(t, c) for _ in range(b)])
+        exhausted = decoder.maybe_exhausted()
+    except (ValueError, RuntimeError, AssertionError) as exc:
+        raise CodecError(f"payload is not a valid range-coded stream of shape {list(shape)}: {exc}") from exc
+    if not exhausted:
+        raise CodecError(f"payload holds more than a range-coded stream of shape {list(shape)}")
+    return out.astype(np.int32) - ALPHABET
+
+
+def _symbols(codec: Codec, hidden: np.ndarray) -> np.ndarray:
+    if hidden.shape[2] != codec.channels:
+        raise CodecError(f"codec {codec.spec!r} codes {codec.channels} channels of bottleneck symbols, got {hidden.shape[2]}")
+    symbols = np.rint(hidden)
+    if not np.array_equal(symbols, hidden) or np.abs(symbols).max() > ALPHABET:
+        raise CodecError(f"codec {codec.spec!r} codes the bottleneck's integer symbols in [-{ALPHABET}, {ALPHABET}]; run the bottleneck first")
+    return symbols.astype(np.int32)
+
+
+def _tables(codec: Codec, tables: np.ndarray | None) -> np.ndarray:
+    if tables is None:
+        raise CodecError(f"codec {codec.spec!r} needs the trained bottleneck's probability tables")
+    if tables.shape != (codec.channels, 2 * ALPHABET + 1):
+        raise CodecError(f"probability tables of shape {list(tables.shape)} do not fit codec {codec.spec!r}")
+    return tables
 
 
 def _check_hidden(hidden: np.ndarray) -> None:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from aiflow.contract import MESSAGE, PASSTHROUGH, TENSORS, TRACE, parse_codec
+from aiflow.model.bottleneck import bottleneck_of
 from aiflow.stage import codecs, wire
 from aiflow.stage.config import StageConfig, StageError
 from aiflow.stage.forward import Forward, GrpcForward
@@ -77,8 +78,9 @@ def check_batch(n: int, config: StageConfig) -> None:
         raise StageError(f"{config.name}: batch of {n} is over the limit of {config.max_batch}; split it")
 
 
-def decode_message(tensor: np.ndarray, config: StageConfig) -> wire.Message:
-    """UINT8 tensor -> wire message of the kind this stage accepts."""
+def decode_message(tensor: np.ndarray, config: StageConfig, tables: wire.Tables | None = None) -> wire.Message:
+    """UINT8 tensor -> wire message of the kind this stage accepts (`tables`: the probability tables
+    of the learned codec, see aiflow.stage.wire)."""
     name = TENSORS[config.accepts]
     if tensor is None:
         raise StageError(f"{config.name}: input {name} is missing")
@@ -88,7 +90,7 @@ def decode_message(tensor: np.ndarray, config: StageConfig) -> wire.Message:
             f"got {tensor.dtype} of shape {list(tensor.shape)}"
         )
     try:
-        msg = wire.decode(tensor, expect=config.accepts)
+        msg = wire.decode(tensor, expect=config.accepts, tables=tables)
     except wire.WireError as exc:
         raise StageError(f"{config.name}: {exc}") from None
     check_batch(msg.hidden.shape[0], config)
@@ -146,9 +148,25 @@ class Stage:
             raise StageError(
                 f"model {config.model}: split_layer {config.split_layer} is out of range 0..{family.num_layers}"
             )
+        if family is not None and config.emits in ("features", "drafts") and config.codec != PASSTHROUGH:
+            codec = parse_codec(config.codec)
+            if codec.learned:
+                try:
+                    bottleneck_of(family, codec.channels, self._emit_layer())
+                except ValueError as exc:
+                    raise StageError(f"model {config.model}: {exc}") from None
         if forward is None and config.next_url:
             forward = GrpcForward(config.next_url, config.next_model, config.timeout_s)
         self.forward = forward
+
+    def _emit_layer(self) -> int:
+        """The encoder layer this stage's messages carry (a tail stops at its split layer at the latest)."""
+        c, layers = self.config, self.family.num_layers
+        return layers if c.split_layer is None or c.role == "caption_drafter" else c.split_layer
+
+    def _tables(self, codec, layer: int) -> np.ndarray:
+        """The learned codec's probability tables, from this stage's own weights."""
+        return bottleneck_of(self.family, codec.channels, layer).coding_tables()
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Serve one request: inputs by tensor name -> outputs by tensor name (CAPTION or the emitted
@@ -177,7 +195,7 @@ class Stage:
             hop.bytes_in = sum(len(b) for b in tensor)
             hop.batch = len(received)
         else:
-            received = decode_message(tensor, c)
+            received = decode_message(tensor, c, self._tables if self.family is not None else None)
             hop.bytes_in = int(tensor.size)
             hop.batch = int(received.hidden.shape[0])
         return Pending(hop=hop, received=received, start=start)
@@ -259,6 +277,9 @@ class Stage:
             raise StageError(f"{c.name}: features at layer {layer}, but the encoder has {fam.num_layers} layers")
         hidden = _torch(np.concatenate([m.hidden for m in msgs]) if len(msgs) > 1 else msgs[0].hidden)
         positions = [m.positions for m in msgs]
+        codec_in = parse_codec(msgs[0].codec)
+        if codec_in.learned:  # symbols -> hidden states at the layer, by the bottleneck's synthesis
+            hidden = bottleneck_of(fam, codec_in.channels, layer).synthesise(hidden)
         if role == "vision_tail":
             stop = max(layer, fam.num_layers if c.split_layer is None else c.split_layer)
             hidden = fam.encode_layers(hidden, layer, stop)
@@ -292,14 +313,19 @@ class Stage:
 
     def _emit(self, hidden, layer: int, positions, hop: Hop, drafts=None) -> bytes:
         codec = parse_codec(self.config.codec)
+        hop.detail["codec_out"] = codec.spec
+        hop.detail["layer_out"] = layer
+        if codec.learned:
+            bn = bottleneck_of(self.family, codec.channels, layer)
+            symbols = bn.symbols(hidden).astype(np.float32)
+            hop.detail["tokens_out"] = int(symbols.shape[1])
+            return wire.encode(layer, symbols, codec, None, drafts, tables=bn.coding_tables())
         x = hidden.detach().float().numpy()
         importance = None
         if codec.reduce == "topk" and x.shape[1] > codec.keep + 1:
             importance = self.family.token_importance(hidden).detach().float().numpy()
         x, positions = codecs.reduce_tokens(codec, x, importance, positions)
-        hop.detail["codec_out"] = codec.spec
         hop.detail["tokens_out"] = int(x.shape[1])
-        hop.detail["layer_out"] = layer
         return wire.encode(layer, x, codec, positions, drafts)
 
     def _captions(self, features, group: Sequence[Pending]) -> list[str]:
@@ -307,7 +333,8 @@ class Stage:
         if self.config.decoding == "speculative":
             drafts = fam.draft(features)
             ids, accepted = fam.verify(features, drafts)
-            for p, acc in zip(group, _split(list(accepted), [p.hop.batch for p in group])):
+            for p, own, acc in zip(group, _split(drafts, [p.hop.batch for p in group]), _split(list(accepted), [p.hop.batch for p in group])):
+                p.hop.detail["draft_tokens"] = [len(d) for d in own]
                 p.hop.detail["accepted_tokens"] = [int(a) for a in acc]
         else:
             ids = fam.generate(features, decoder="large")
@@ -339,11 +366,14 @@ class Pending:
 
 def _compatible_groups(pendings: Sequence[Pending]) -> list[list[Pending]]:
     """Requests that can share one batched pass: all images, or messages with the same layer,
-    token and channel counts and the same kind of positions (in arrival order)."""
+    token and channel counts, the same kind of positions and, for a learned codec, the same codec
+    (in arrival order)."""
     groups: dict[tuple, list[Pending]] = {}
     for p in pendings:
         msg = p.received
-        key = () if isinstance(msg, list) else (msg.layer, msg.hidden.shape[1:], msg.positions is None)
+        # a learned codec's symbols go through its own synthesis: they batch only with the same codec
+        key = () if isinstance(msg, list) else (msg.layer, msg.hidden.shape[1:], msg.positions is None,
+                                                 msg.codec if parse_codec(msg.codec).learned else "")
         groups.setdefault(key, []).append(p)
     return list(groups.values())
 

@@ -9,12 +9,17 @@ A message travels as one UINT8 tensor. Layout (little-endian):
 
 `layer` is the number of encoder layers already applied, so any consumer finishes the encoder from
 there. The header is a few dozen bytes: on a thin uplink it counts.
+
+With the learned codec (`learned:C`) `channels` is C and the payload holds the bottleneck's
+range-coded symbols; reading them needs the bottleneck's probability tables, which the receiving
+stage passes as `tables(codec, layer)` (from its own copy of the weights).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +37,9 @@ _FLAG_POSITIONS, _FLAG_WIDE_IDS = 1, 2
 
 class WireError(ValueError):
     """Bytes that are not a message this version can read."""
+
+
+Tables = Callable[[contract.Codec, int], np.ndarray]  # (learned codec, layer) -> probability tables
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,11 @@ def encode(
     positions: np.ndarray | None = None,
     drafts: list[list[int]] | None = None,
     payload: bytes | None = None,
+    tables: np.ndarray | None = None,
 ) -> bytes:
     """Pack already-reduced features (and drafts) into one message; quantisation per `codec`, unless
-    `payload` (the packed form of `hidden`, e.g. as received) is given."""
+    `payload` (the packed form of `hidden`, e.g. as received) is given. For `learned:C`, `hidden`
+    holds the bottleneck's symbols and `tables` its probability tables."""
     b, t, d = hidden.shape
     if max(b, t, d, layer) > 0xFFFF:
         raise WireError(f"features of shape {list(hidden.shape)} at layer {layer} exceed the u16 header fields")
@@ -77,7 +87,7 @@ def encode(
         for seq in drafts:
             parts.append(struct.pack("<H", len(seq)) + np.asarray(seq, dtype="<u4" if wide else "<u2").tobytes())
     if payload is None:
-        payload = codecs.pack(codec, hidden)
+        payload = codecs.pack(codec, hidden, tables)
     kind = DRAFTS if drafts is not None else FEATURES
     body = b"".join(
         [_HEAD.pack(MAGIC, VERSION, kind, layer, b, t, d, flags, len(spec)), spec, *parts]
@@ -86,8 +96,10 @@ def encode(
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def decode(data: bytes | np.ndarray, expect: str | None = None) -> Message:
-    """Read a message; WireError with what is wrong for foreign, corrupt or mismatched bytes."""
+def decode(data: bytes | np.ndarray, expect: str | None = None, tables: Tables | None = None) -> Message:
+    """Read a message; WireError with what is wrong for foreign, corrupt or mismatched bytes.
+    `tables(codec, layer)` gives the probability tables of a learned codec (or raises ValueError
+    saying why there are none)."""
     buf = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
     if len(buf) < _HEAD.size + 4 or buf[:4] != MAGIC:
         raise WireError(f"not an aiflow features message ({len(buf)} bytes, magic {buf[:4]!r}, expected {MAGIC!r})")
@@ -123,7 +135,12 @@ def decode(data: bytes | np.ndarray, expect: str | None = None) -> Message:
         payload = body[pos + 4 : pos + 4 + size]
         if pos + 4 + size != len(body):
             raise WireError(f"message length mismatch: payload says {size} bytes, {len(body) - pos - 4} present")
-        hidden = codecs.unpack(codec, payload, (b, t, d))
+        table = None
+        if codec.learned:
+            if tables is None:
+                raise WireError(f"message uses the learned codec {codec.spec}, and this reader has no trained bottleneck")
+            table = tables(codec, layer)
+        hidden = codecs.unpack(codec, payload, (b, t, d), table)
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, WireError):
             raise
