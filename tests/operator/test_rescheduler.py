@@ -176,7 +176,7 @@ def test_the_old_chain_serves_until_the_new_one_has_taken_the_traffic_and_draine
     assert all(p.rsplit("-", 2)[0] == f"{FLOW}-head" for p in slice_pods(cluster, entry))
 
     cluster.held_slices.add(entry)  # the entry's endpoints will not follow its selector for now
-    cluster.api.patch_node("device-1", {"metadata": {"annotations": THIN_UPLINK}})
+    publish_links(cluster.api, "device-1", "device", THIN_UPLINK)  # the probe measures 0.5 Mbit/s
     switching = cluster.wait(lambda: migration(cluster, "Switching"), message="the entry switched", timeout=WAIT)
     assert switching["revision"] == 2 and switching["drainSeconds"] == 12  # 3 x the 4 s objective
     assert cluster.api.get("services", entry, NS)["spec"]["selector"][REVISION_LABEL] == "2"
