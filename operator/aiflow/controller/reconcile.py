@@ -258,17 +258,10 @@ def desired_objects(flow: Flow, step: Step, state, cluster: ClusterView):
     revision's Placement."""
     revision, entry = step.serving.revision, step.entry_revision
     placement = rescheduler.placement_of_record(flow, step.serving, state, cluster)
-    desired = annotate(render_revision(flow, placement, revision, revision, cluster), step.serving)
+    desired = annotate(render_revision(flow, placement, revision, entry, cluster), step.serving)
     if step.migration is not None:
         target = rescheduler.placement_of_record(flow, step.migration, state, cluster)
-        incoming = annotate(render_revision(flow, target, step.migration.revision, revision, cluster), step.migration)
-        desired = merge_revisions(desired, incoming)
-
-
-    desired = annotate(render_revision(flow, placement, revision, entry), step.serving)
-    if step.migration is not None:
-        target = rescheduler.placement_of_record(flow, step.migration, state, cluster)
-        incoming = annotate(render_revision(flow, target, step.migration.revision, entry), step.migration)
+        incoming = annotate(render_revision(flow, target, step.migration.revision, entry, cluster), step.migration)
         desired = annotate_move(merge_revisions(desired, incoming), step.move)
     return desired, placement
 
@@ -281,12 +274,9 @@ def run_plan(api: KubeApi, flow: Flow, body: dict, live: dict, nodes: list[NodeR
     measured, link_notes = with_links(nodes, load.links, dt.datetime.fromtimestamp(now, dt.timezone.utc))
     seen = observations(measured, load.utilisation, load.notes + link_notes)
     state = cluster_state(seen.tiers, seen.links, declared_links(flow))
-    serving, migration, last_move = current_plans(flow, old, live, now)
+    serving, migration, move, last_move = current_plans(flow, old, live, now)
     if tick is not None and serving is not None:
         state = with_stage_load(state, flow, serving.placement, tick.stages)
-
-
-    serving, migration, move, last_move = current_plans(flow, old, live, now)
     switched, taken = observe_switch(api, flow, live, migration, move)
     step = rescheduler.step(
         flow, serving, migration, state=state, cluster=cluster, now=now, last_migration_at=last_move,
