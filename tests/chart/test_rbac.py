@@ -28,6 +28,9 @@ ALLOWANCES = {
     ("aiflow.io", "aiflows/finalizers", "update"):
         "ownerReferences with blockOwnerDeletion need it where OwnerReferencesPermissionEnforcement "
         "admission runs (e.g. OpenShift); the emulated server does not enforce it",
+    ("discovery.k8s.io", "endpointslices", "list"):
+        "read only while a move switches the entry Service (tests/operator/test_rescheduler.py); the "
+        "recorded run re-plans in place and never moves",
     ("metrics.k8s.io", "nodes", "get"): "node usage for placement, read only when metrics-server is installed",
     ("metrics.k8s.io", "nodes", "list"): "node usage for placement, read only when metrics-server is installed",
     ("autoscaling", "horizontalpodautoscalers", "delete"):

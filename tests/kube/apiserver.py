@@ -1359,6 +1359,17 @@ class EmulatedApiServer:
         self._controllers.append(controller.start())
         return controller
 
+    def start_endpointslice_controller(self, selector: Callable[[Obj], bool] | None = None,
+                                       namespace: str | None = None, interval: float = 0.1) -> Any:
+        """Run the EndpointSlice controller stand-in: selected Services' slices follow the ready
+        replicas of the Deployments they select."""
+        from tests.kube.controllers import EndpointSliceController
+
+        controller = EndpointSliceController(self, selector, namespace)
+        controller.interval = interval
+        self._controllers.append(controller.start())
+        return controller
+
     def mark_deployments_ready(self, namespace: str | None = None, names: Iterable[str] | None = None,
                                label_selector: str | None = None, ready: bool = True) -> list[str]:
         """Once: write Deployment status as if all replicas were (or were not) ready."""

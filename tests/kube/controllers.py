@@ -5,11 +5,15 @@ Each plays one controller's role, explicitly, so a test says what it emulates:
   through ownerReferences);
 - `DeploymentController`: the Deployment controller plus kubelets, reduced to "the pods came up":
   it writes Deployment status as if every replica were ready.
-Both work on an `EmulatedApiServer`, once (`run_once()`) or continuously (`start()`/`stop()`, or as
+- `EndpointSliceController`: kube-controller-manager's EndpointSlice controller, reduced to what a
+  Service's clients see: no Pods exist here, so each ready replica of a Deployment whose pod template
+  matches a Service's selector becomes one ready endpoint, named as the Deployment's pod would be.
+All work on an `EmulatedApiServer`, once (`run_once()`) or continuously (`start()`/`stop()`, or as
 context managers).
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -170,12 +174,9 @@ def mark_deployments_ready(apiserver: EmulatedApiServer, namespace: str | None =
     return changed
 
 
-class DeploymentController(_Loop):
-    """Plays the Deployment controller (and kubelets): selected Deployments report all replicas ready.
-
-    `selector(deployment) -> bool` picks which ones become ready (all by default); the others are
-    left alone, so a test can keep a stage unready on purpose.
-    """
+class _SelectingLoop(_Loop):
+    """A controller stand-in that acts on the objects `selector` picks (all by default), in one
+    namespace or all."""
 
     def __init__(self, apiserver: EmulatedApiServer, selector: Callable[[Obj], bool] | None = None,
                  namespace: str | None = None) -> None:
@@ -183,7 +184,108 @@ class DeploymentController(_Loop):
         self.selector = selector or (lambda _: True)
         self.namespace = namespace
 
+
+class DeploymentController(_SelectingLoop):
+    """Plays the Deployment controller (and kubelets): selected Deployments report all replicas ready.
+
+    `selector(deployment) -> bool` picks which ones become ready (all by default); the others are
+    left alone, so a test can keep a stage unready on purpose.
+    """
+
     def run_once(self) -> list[str]:
         names = [d["metadata"]["name"] for d in self.apiserver.list("deployments.apps", self.namespace)
                  if self.selector(d)]
         return mark_deployments_ready(self.apiserver, self.namespace, names) if names else []
+
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SLICE_MANAGER = "endpointslice-controller.k8s.io"
+
+
+def _digest(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _matches(selector: Obj, labels: Obj) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def endpoint_slice(service: Obj, deployments: Iterable[Obj]) -> Obj:
+    """The EndpointSlice the EndpointSlice controller keeps for `service`: one ready endpoint per
+    ready replica of the Deployments its selector matches (pods named `<deployment>-<hash>-<suffix>`,
+    as a Deployment's ReplicaSet names them), and the Service's labels, as the real controller copies."""
+    meta = service["metadata"]
+    selector = (service.get("spec") or {}).get("selector") or {}
+    endpoints = []
+    for dep in sorted(deployments, key=lambda d: d["metadata"]["name"]):
+        template = ((dep.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        if not _matches(selector, template.get("labels") or {}):
+            continue
+        name = dep["metadata"]["name"]
+        replicaset = _digest(f"{name}/{dep['metadata'].get('generation', 1)}", 10)
+        for i in range(int((dep.get("status") or {}).get("readyReplicas") or 0)):
+            pod = f"{name}-{replicaset}-{_digest(f'{replicaset}/{i}', 5)}"
+            endpoints.append({
+                "addresses": [f"10.{int(_digest(pod, 2), 16)}.{int(_digest(pod[::-1], 2), 16)}.{i + 1}"],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "targetRef": {"kind": "Pod", "name": pod, "namespace": meta.get("namespace")},
+            })
+    named = {}  # a named targetPort is the matched pods' container port of that name
+    for dep in deployments:
+        template = ((dep.get("spec") or {}).get("template") or {})
+        if _matches(selector, (template.get("metadata") or {}).get("labels") or {}):
+            for container in (template.get("spec") or {}).get("containers") or ():
+                named.update({p["name"]: p["containerPort"] for p in container.get("ports") or () if p.get("name")})
+    ports = []
+    for p in (service.get("spec") or {}).get("ports") or ():
+        target = p.get("targetPort", p.get("port"))
+        target = named.get(target) if isinstance(target, str) else target
+        if target is not None:
+            ports.append({"name": p.get("name", ""), "port": int(target), "protocol": p.get("protocol", "TCP")})
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"{meta['name']}-{_digest(meta['name'], 5)}", "namespace": meta.get("namespace"),
+                     "labels": {**(meta.get("labels") or {}), SERVICE_NAME_LABEL: meta["name"],
+                                "endpointslice.kubernetes.io/managed-by": SLICE_MANAGER},
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": meta["name"],
+                                          "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": ports,
+    }
+
+
+class EndpointSliceController(_SelectingLoop):
+    """Plays the EndpointSlice controller: each selected Service's slice follows the ready replicas
+    of the Deployments it selects; the slice of a Service that is gone goes too.
+
+    `selector(service) -> bool` picks the Services whose slices it updates (all by default); the
+    others keep the slice they have, so a test can hold back the news that endpoints moved.
+    """
+
+    def run_once(self) -> list[str]:
+        """One pass; returns the names of the slices it wrote or deleted."""
+        api, changed = self.apiserver, []
+        services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in api.list("services", self.namespace)}
+        deployments = api.list("deployments.apps", self.namespace)
+        for (ns, name), service in services.items():
+            if not (service.get("spec") or {}).get("selector") or not self.selector(service):
+                continue
+            desired = endpoint_slice(service, [d for d in deployments if d["metadata"].get("namespace") == ns])
+            live = api.get("endpointslices.discovery.k8s.io", desired["metadata"]["name"], ns)
+            if live is None:
+                api.create(desired)
+            elif (live.get("endpoints") or []) != desired["endpoints"]:
+                api.patch("endpointslices.discovery.k8s.io", desired["metadata"]["name"],
+                          {"endpoints": desired["endpoints"]}, ns)
+            else:
+                continue
+            changed.append(desired["metadata"]["name"])
+        for slice_ in api.list("endpointslices.discovery.k8s.io", self.namespace):
+            meta = slice_["metadata"]
+            owner = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+            if (meta.get("labels") or {}).get("endpointslice.kubernetes.io/managed-by") == SLICE_MANAGER and \
+                    (meta.get("namespace"), owner) not in services:
+                api.delete("endpointslices.discovery.k8s.io", meta["name"], meta.get("namespace"))
+                changed.append(meta["name"])
+        return changed

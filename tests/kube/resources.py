@@ -78,6 +78,7 @@ BUILTIN_RESOURCES: tuple[ResourceType, ...] = (
     _b("", "v1", "pods", "Pod", True, ("po",), ("status", "log"), ("all",)),
     _b("", "v1", "services", "Service", True, ("svc",), ("status",), ("all",)),
     _b("", "v1", "endpoints", "Endpoints", True, ("ep",)),
+    _b("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     _b("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
     _b("", "v1", "secrets", "Secret", True),
     _b("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",)),

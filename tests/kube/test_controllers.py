@@ -91,3 +91,42 @@ def test_deployment_controller_follows_spec_changes_of_selected_deployments(apis
                        .get("observedGeneration") == 2, timeout=10, message="the new generation observed")
     assert apiserver.get("deployments", "a", "default")["status"]["readyReplicas"] == 4
     assert apiserver.get("deployments", "unready", "default").get("status") is None
+
+
+def test_the_endpointslice_stand_in_follows_the_ready_replicas_a_service_selects(apiserver):
+    from tests.kube.controllers import EndpointSliceController, mark_deployments_ready
+
+    def deployment(name: str, revision: str) -> dict:
+        labels = {"app": "web", "rev": revision}
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": "default"},
+                "spec": {"replicas": 2, "selector": {"matchLabels": labels}, "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "web", "image": "registry.example/web:1",
+                                             "ports": [{"name": "http", "containerPort": 8000}]}]}}}}
+
+    apiserver.create(deployment("web", "1"))
+    apiserver.create(deployment("web-r2", "2"))
+    apiserver.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+                      "spec": {"selector": {"app": "web", "rev": "1"}, "ports": [{"name": "http", "port": 80,
+                                                                                   "targetPort": "http"}]}})
+    controller = EndpointSliceController(apiserver)
+    controller.run_once()
+    (slice_,) = apiserver.list("endpointslices", "default", "kubernetes.io/service-name=web")
+    assert slice_["endpoints"] == [] and slice_["ports"] == [{"name": "http", "port": 8000, "protocol": "TCP"}]
+
+    mark_deployments_ready(apiserver, "default")
+    controller.run_once()
+    (slice_,) = apiserver.list("endpointslices", "default", "kubernetes.io/service-name=web")
+    pods = [e["targetRef"]["name"] for e in slice_["endpoints"]]
+    assert len(pods) == 2 and all(p.rsplit("-", 2)[0] == "web" for p in pods)  # named as the ReplicaSet's pods
+
+    apiserver.patch("services", "web", {"spec": {"selector": {"rev": "2"}}}, "default")
+    held = EndpointSliceController(apiserver, selector=lambda s: False)
+    assert held.run_once() == []  # held back: the slice still lists the old pods
+    controller.run_once()
+    (slice_,) = apiserver.list("endpointslices", "default", "kubernetes.io/service-name=web")
+    assert {e["targetRef"]["name"].rsplit("-", 2)[0] for e in slice_["endpoints"]} == {"web-r2"}
+
+    apiserver.delete("services", "web", "default")
+    controller.run_once()
+    assert apiserver.list("endpointslices", "default") == []

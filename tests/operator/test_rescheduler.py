@@ -4,13 +4,16 @@ as link measurements, node load and tiers change, and moving them make-before-br
 What plays the rest of a cluster here, and says so: the link probe is played by writing its
 measurement ConfigMap (`publish_links`); metrics-server by `serve_node_metrics`/`set_node_metrics`; the Deployment controller and
 kubelets by the stand-in that marks Deployments ready (gated where a test needs a new revision to
-stay unready for a while). The rescheduler ticks every 5 s; waits are bounded, never timed.
+stay unready for a while); the EndpointSlice controller by its stand-in (gated where a test holds
+back the news that the entry's endpoints moved). The rescheduler ticks every 5 s; waits are bounded, never timed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
+import time
 
 import pytest
 
@@ -55,8 +58,12 @@ def tiers(apiserver, run_kopf_operator, monkeypatch) -> Cluster:
     publish_links(apiserver, "device-1", "device", GOOD_UPLINK)
     apiserver.seed_node("edge-1", "edge")
     apiserver.seed_node("cloud-1", "cloud", labels={"aiflow.io/compute-factor": "0.5"})
+    held: set[str] = set()  # Services whose EndpointSlice does not follow while their names are here
+    apiserver.start_endpointslice_controller(lambda service: service["metadata"]["name"] not in held)
     run_kopf_operator("aiflow.controller.handlers")
-    return Cluster(apiserver)
+    cluster = Cluster(apiserver)
+    cluster.held_slices = held
+    return cluster
 
 
 def status(cluster: Cluster) -> dict:
@@ -138,7 +145,7 @@ def test_a_thinner_uplink_moves_the_flow_once_make_before_break(tiers):
                      if obj["metadata"]["name"] == f"{FLOW}-head" and obj["spec"]["selector"].get(REVISION_LABEL) == "2")
     assert ready_at < flipped_at < deleted_at
     (migrated,) = cluster.wait(lambda: cluster.events("Migrated"), message="an Event for the finished move")
-    assert "revision 2" in migrated["message"] and "revision 1 deleted" in migrated["message"]
+    assert "revision 2" in migrated["message"] and "revision 1 drained for 5 s and deleted" in migrated["message"]
     assert status(cluster)["lastMigrationTime"]
 
     # Once: further turns under the same conditions keep the new plan.
@@ -146,6 +153,67 @@ def test_a_thinner_uplink_moves_the_flow_once_make_before_break(tiers):
         assert decision["decision"] == "Kept"
     assert plan(cluster)["revision"] == 2 and "migration" not in status(cluster)
     assert len(cluster.events("Migrating")) == 1 and len(cluster.events("Migrated")) == 1
+
+
+def slice_pods(cluster: Cluster, service: str) -> list[str]:
+    """The pods the Service's EndpointSlices list as ready."""
+    return [e["targetRef"]["name"] for s in cluster.api.list("endpointslices", NS, f"kubernetes.io/service-name={service}")
+            for e in s.get("endpoints") or () if e["conditions"].get("ready")]
+
+
+def migration(cluster: Cluster, phase: str):
+    return (m := status(cluster).get("migration")) and m.get("phase") == phase and m
+
+
+def test_the_old_chain_serves_until_the_new_one_has_taken_the_traffic_and_drained(tiers):
+    cluster, entry = tiers, f"{FLOW}-head"
+    cluster.api.start_deployment_controller()
+    cluster.api.create(auto_flow(cooldown=3600, objective={"latencyMs": 4000}))
+    cluster.wait_condition(FLOW, "Ready", "True")
+    old = {f"{FLOW}-head", f"{FLOW}-drafter", f"{FLOW}-verifier"}
+    old_services = {f"{FLOW}-drafter", f"{FLOW}-verifier"}
+    cluster.wait(lambda: slice_pods(cluster, entry), message="the entry's endpoints")
+    assert all(p.rsplit("-", 2)[0] == f"{FLOW}-head" for p in slice_pods(cluster, entry))
+
+    cluster.held_slices.add(entry)  # the entry's endpoints will not follow its selector for now
+    publish_links(cluster.api, "device-1", "device", THIN_UPLINK)  # the probe measures 0.5 Mbit/s
+    switching = cluster.wait(lambda: migration(cluster, "Switching"), message="the entry switched", timeout=WAIT)
+    assert switching["revision"] == 2 and switching["drainSeconds"] == 12  # 3 x the 4 s objective
+    assert cluster.api.get("services", entry, NS)["spec"]["selector"][REVISION_LABEL] == "2"
+    # Switched, but nothing shows the new chain behind the entry yet: the old chain stays whole.
+    mark = len(cluster.api.request_log)
+    cluster.wait(lambda: len(cluster.operator_reads("endpointslices", mark)) >= 3,
+                 message="three looks at the entry's endpoints", timeout=WAIT)
+    assert old <= set(cluster.children(FLOW)) and old_services <= set(cluster.children(FLOW, "services"))
+    recorded = json.loads(cluster.api.get("services", entry, NS)["metadata"]["annotations"]["aiflow.io/move"])
+    assert recorded | {"since": ""} == {"from": 1, "to": 2, "phase": "Switching", "since": ""}
+
+    # The phase lives on the entry Service too: a lost status resumes the move, not a new one.
+    cluster.api.patch("aiflows", FLOW, {"status": None}, NS, subresource="status")
+    resumed = cluster.wait(lambda: migration(cluster, "Switching"), message="the move back in status", timeout=WAIT)
+    assert resumed["revision"] == 2 and plan(cluster)["revision"] == 1
+    assert old <= set(cluster.children(FLOW)) and old_services <= set(cluster.children(FLOW, "services"))
+
+    released = time.time()
+    cluster.held_slices.discard(entry)  # the entry's endpoints now list the new head's pods only
+    cluster.wait(lambda: migration(cluster, "Draining"), message="the old chain draining", timeout=WAIT)
+    assert old <= set(cluster.children(FLOW)) and old_services <= set(cluster.children(FLOW, "services"))
+    cluster.wait(lambda: not old & set(cluster.children(FLOW)), message="the old chain deleted", timeout=WAIT)
+    assert time.time() - released >= 12, "the old chain went before its drain grace was over"
+    # One reconcile deletes the old Deployments, then the old Services.
+    cluster.wait(lambda: not old_services & set(cluster.children(FLOW, "services")), message="the old Services deleted")
+    assert plan(cluster)["revision"] == 2 and "migration" not in status(cluster)
+    assert "aiflow.io/move" not in (cluster.api.get("services", entry, NS)["metadata"].get("annotations") or {})
+
+    # The order, from the server's history: entry switched, then its endpoints moved, then the old went.
+    flipped_at = min(rv for rv, kind, obj in history(cluster, "services")
+                     if obj["metadata"]["name"] == entry and obj["spec"]["selector"].get(REVISION_LABEL) == "2")
+    moved_at = min(rv for rv, kind, obj in history(cluster, "endpointslices")
+                   if obj["metadata"]["labels"].get("kubernetes.io/service-name") == entry and obj.get("endpoints")
+                   and all(e["targetRef"]["name"].rsplit("-", 2)[0] == f"{FLOW}-head-r2" for e in obj["endpoints"]))
+    deleted_at = min(rv for rv, kind, obj in history(cluster, "deployments")
+                     if kind == "DELETED" and obj["metadata"]["name"] in old)
+    assert flipped_at < moved_at < deleted_at
 
 
 def test_an_oscillating_tier_load_moves_the_flow_at_most_once_per_cooldown(tiers):

@@ -105,13 +105,15 @@ def test_oscillating_links_move_at_most_once_per_cooldown():
     f = flow(cooldownSeconds=100, minImprovementPercent=10)
     state, cluster = world(20.0)
     serving, migration, last, moves, decisions = initial(f, state, cluster), None, None, 0, []
+    move = None
     for tick in range(1, 61):  # a turn every 5 s for 300 s, the uplink flapping every turn
         now = tick * 5.0
         state, _ = world(0.5 if tick % 2 else 20.0)
+        # A move's revision is Ready at the next turn, its endpoints follow the switch at once.
         out = step(f, serving, migration, state=state, cluster=cluster, now=now, last_migration_at=last,
-                   target_ready=migration is not None, due=True)
+                   target_ready=migration is not None, due=True, move=move, switched=True, taken=True)
         moves += out.completed is not None
-        serving, migration, last = out.serving, out.migration, out.last_migration_at
+        serving, migration, last, move = out.serving, out.migration, out.last_migration_at, out.move
         decisions.append(out.decision.decision if out.decision else None)
     assert 1 <= moves <= 300 / 100 + 1
     assert "Rejected" in decisions and all(d in ("Kept", "Rejected", "Migrating", None) for d in decisions)
@@ -127,9 +129,20 @@ def test_a_lost_tier_fails_over_at_once_even_without_rescheduling_and_is_given_b
     assert out.started and out.decision.decision == "Failover" and "edge has no Ready node" in out.decision.reason
     assert out.migration.revision == 2 and "edge" not in out.migration.tiers and out.migration.fallback_from == ("edge",)
     assert rescheduler.degraded_tiers(out, down_cluster) == ["edge"]
-    done = step(f, out.serving, out.migration, state=down, cluster=down_cluster, now=9, last_migration_at=4.0,
-                target_ready=True, due=False)
-    assert done.serving.revision == 2 and done.completed == serving and done.last_migration_at == 9
+    switching = step(f, out.serving, out.migration, state=down, cluster=down_cluster, now=9, last_migration_at=4.0,
+                     target_ready=True, due=False, move=out.move)
+    assert switching.move.phase == "Switching" and switching.entry_revision == 2 and switching.completed is None
+    kwargs = dict(state=down, cluster=down_cluster, last_migration_at=4.0, target_ready=True, due=False)
+    held = step(f, serving, out.migration, now=10, move=switching.move, switched=True, taken=False, **kwargs)
+    assert held.move.phase == "Switching" and held.serving == serving  # its endpoints have not followed
+    draining = step(f, serving, out.migration, now=11, move=held.move, switched=True, taken=True, **kwargs)
+    assert draining.move.phase == "Draining" and draining.completed is None
+    assert draining.grace_s == 5.0 and draining.wait_s == 5.0  # the floor: the flow has no objective
+    early = step(f, serving, out.migration, now=15.9, move=draining.move, switched=True, taken=True, **kwargs)
+    assert early.completed is None and early.migration == out.migration
+    done = step(f, serving, out.migration, now=16, move=early.move, switched=True, taken=True, **kwargs)
+    assert done.serving.revision == 2 and done.completed == serving and done.last_migration_at == 16
+    assert done.move is None and done.entry_revision == 2
     assert rescheduler.degraded_tiers(done, cluster) == []  # the edge is back: no longer degraded
 
 

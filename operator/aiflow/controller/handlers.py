@@ -80,6 +80,8 @@ class FlowQueue:
         self.load = Load()
         self._load_at: float | None = None
         self._load_lock = asyncio.Lock()
+        self._follow_ups: set[tuple[str, str]] = set()  # flows with a follow-up reconcile waiting
+        self._tasks: set[asyncio.Task] = set()
 
     async def node_load(self, api: KubeApi, nodes: list[NodeRecord], max_age: float = LOAD_MAX_AGE_SECONDS) -> Load:
         """The nodes' CPU utilisation and the link probes' measurements (when `AIFLOW_LINK_NAMESPACE`
@@ -172,10 +174,33 @@ class FlowQueue:
         for event in result.events:
             kopf.event(object_reference(result.flow), type=event.type, reason=event.reason,
                        message=event.message[:EVENT_MESSAGE_LIMIT])
+        if result.requeue_s is not None:  # a move's switch or drain: no event says when it is over
+            self._follow_up(api, namespace, name, logger, tier_nodes, result.requeue_s)
         if result.actions or result.status_written:
             logger.info("%s/%s %s: %s", namespace, name, result.phase,
                         "; ".join(map(str, result.actions)) or "status updated")
         return result
+
+
+    def _follow_up(self, api: KubeApi, namespace: str, name: str, logger: logging.Logger,
+                   tier_nodes, after_s: float) -> None:
+        """Reconcile the flow again in `after_s` seconds (once: a follow-up already waiting stays)."""
+        key = (namespace, name)
+        if key in self._follow_ups:
+            return
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(after_s)
+                self._follow_ups.discard(key)
+                await self.reconcile(api, namespace, name, logger, tier_nodes)
+            except TRANSIENT as exc:  # the resync timer retries
+                logger.warning("follow-up reconcile of %s/%s failed: %s", namespace, name, exc)
+
+        self._follow_ups.add(key)
+        task = asyncio.get_running_loop().create_task(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def record_step(step) -> None:

@@ -48,6 +48,7 @@ DISRUPTION_BUDGETS = Resource("policy/v1", "poddisruptionbudgets")
 PODS = Resource("v1", "pods")
 CONFIGMAPS = Resource("v1", "configmaps")
 AUTOSCALERS = Resource("autoscaling/v2", "horizontalpodautoscalers")
+ENDPOINT_SLICES = Resource("discovery.k8s.io/v1", "endpointslices")
 
 
 class ApiError(Exception):

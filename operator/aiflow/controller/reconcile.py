@@ -6,8 +6,11 @@ Nothing is created before everything is validated: an invalid spec or a tier wit
 the cluster as it was and says why in status (and in an Event when that news is new).
 
 The plan the flow runs is kept in its status (and, for when status is lost, on its objects:
-`recovery`), and `rescheduler.step` decides from it what runs next; a move brings up the new revision's objects beside the serving ones (`revisions`), and the
-reconcile that sees them all Ready switches the entry Service and deletes the old revision.
+`recovery`), and `rescheduler.step` decides from it what runs next. A move goes through the phases
+of `planner.migration`: the new revision's objects come up beside the serving ones (`revisions`);
+the reconcile that sees them all Ready switches the entry Service; the one that sees the entry's
+EndpointSlices list only the new revision's pods starts the drain; the first after the drain grace
+deletes the old revision. The phase is kept on the entry Service (and in status.migration).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from aiflow.api.spec import Flow, parse_flow
 from aiflow.api.validate import validate_manifest
 from aiflow.controller import rescheduler
 from aiflow.controller.apply import Action, NameConflict, apply_flow, list_owned
-from aiflow.controller.kube import PODS, KubeApi, Resource
+from aiflow.controller.kube import ENDPOINT_SLICES, PODS, KubeApi, Resource
 from aiflow.controller.observe import NodeRecord, cluster_view, observations, observe_nodes, with_links
-from aiflow.controller.recovery import annotate, recovered_plans
+from aiflow.controller.recovery import (
+    annotate, annotate_move, entry_service, recorded_move, recovered_plans, stamp_up,
+)
 from aiflow.controller.rescheduler import DecisionRecord, PlanRecord, Step, parse_stamp, stamp
 from aiflow.controller.revisions import (
-    deployment_name, endpoint, merge_revisions, render_revision, revision_of, service_name,
+    REVISION_LABEL, deployment_name, endpoint, merge_revisions, render_revision, revision_of, service_name,
 )
 from aiflow.controller.stage_metrics import StageTimes
 from aiflow.controller.status import (
@@ -38,6 +43,7 @@ from aiflow.controller.status import (
 )
 from aiflow.render.manifests import MODEL_ANNOTATION
 from aiflow.planner.cluster import cluster_state, declared_links
+from aiflow.planner.migration import SWITCHING, Move
 from aiflow.render.names import STAGE_LABEL, flow_selector, selector_string
 
 AIFLOWS = Resource(f"{GROUP}/{VERSION}", PLURAL)
@@ -85,6 +91,7 @@ class Result:
     stages: int = 0
     ready_stages: int = 0
     placed: bool = False  # the placement changed
+    requeue_s: float | None = None  # look again after this long, event or not (a move's switch or drain)
     step: Step | None = None  # what the rescheduler decided
     predicted_latency_s: float | None = None
     links: tuple = ()  # planner LinkStates of the hops the flow crosses
@@ -153,6 +160,37 @@ def with_stage_load(state, flow, placement, measured) -> object:
     return _replace(state, tiers={t: _replace(s, busy=busy.get(t, s.busy)) for t, s in state.tiers.items()})
 
 
+def entry_switched(live: dict[tuple[str, str], dict], revision: int) -> bool:
+    """Whether the entry Service selects `revision`."""
+    selector = ((entry_service(live) or {}).get("spec") or {}).get("selector") or {}
+    return selector.get(REVISION_LABEL) == str(revision)
+
+
+def pod_owner(pod_name: str) -> str:
+    """The Deployment a Deployment's pod belongs to (`<deployment>-<replicaset hash>-<suffix>`)."""
+    return pod_name.rsplit("-", 2)[0]
+
+
+def traffic_taken(slices: list[dict], deployment: str) -> bool:
+    """Whether the EndpointSlices of the entry Service list ready endpoints, all of them pods of
+    `deployment` (the first stage of the new revision): the old chain gets no new request."""
+    ready = [e for s in slices for e in s.get("endpoints") or ()
+             if (e.get("conditions") or {}).get("ready") is not False]
+    return bool(ready) and all((e.get("targetRef") or {}).get("kind") == "Pod" and
+                               pod_owner((e.get("targetRef") or {}).get("name", "")) == deployment for e in ready)
+
+
+def observe_switch(api: KubeApi, flow: Flow, live: dict, migration: PlanRecord | None, move: Move | None) -> tuple[bool, bool]:
+    """(switched, taken) of a move in its Switching phase; the EndpointSlices are read only then."""
+    if migration is None or move is None or move.phase != SWITCHING:
+        return False, False
+    if not entry_switched(live, migration.revision):
+        return False, False
+    entry = service_name(flow, flow.stages[0].name, migration.revision)
+    slices = api.list(ENDPOINT_SLICES.path(flow.namespace), f"kubernetes.io/service-name={entry}")
+    return True, traffic_taken(slices, deployment_name(flow, flow.stages[0].name, migration.revision))
+
+
 def reconcile(api: KubeApi, namespace: str, name: str, catalog: dict[str, ModelInfo] | None = None,
               cluster: ClusterView | None = None, nodes: list[NodeRecord] | None = None,
               load: Load | None = None, tick: Tick | None = None) -> Result:
@@ -196,10 +234,11 @@ class Run:
     degraded: tuple | None = None
 
 
-def current_plans(flow: Flow, old: dict, live: dict, now: float) -> tuple[PlanRecord | None, PlanRecord | None, float | None]:
-    """(serving plan, move under way, time of the last move) from status; from the flow's objects
-    when status has no plan (lost), with the last move taken as just now when the flow has moved
-    (the cooldown holds rather than a move at once)."""
+def current_plans(flow: Flow, old: dict, live: dict, now: float):
+    """(serving plan, plan moved to, the move's phase, time of the last move) from status; from the
+    flow's objects when status has no plan (lost), with the last move taken as just now when the flow
+    has moved (the cooldown holds rather than a move at once). The phase of a move is read from the
+    entry Service, where the operator writes it, else from status."""
     serving = PlanRecord.from_status(old.get("plan"), flow)
     migration = PlanRecord.from_status(old.get("migration"), flow)
     last_move = parse_stamp(old.get("lastMigrationTime"))
@@ -207,19 +246,23 @@ def current_plans(flow: Flow, old: dict, live: dict, now: float) -> tuple[PlanRe
         serving, migration = recovered_plans(flow, live)
         if serving is not None and serving.revision > 1 and last_move is None:
             last_move = now
-    return serving, migration, last_move
+    move = recorded_move(live) or Move.from_record((old.get("migration") or {}).get("move"), parse_stamp)
+    if move is not None and (serving is None or migration is None or
+                             (move.source, move.target) != (serving.revision, migration.revision)):
+        move = None  # about another move: the one under way starts from its first phase
+    return serving, migration, move, last_move
 
 
 def desired_objects(flow: Flow, step: Step, state, cluster: ClusterView):
     """The objects of the serving revision (and of the one moving in, beside it) and the serving
     revision's Placement."""
-    revision = step.serving.revision
+    revision, entry = step.serving.revision, step.entry_revision
     placement = rescheduler.placement_of_record(flow, step.serving, state, cluster)
-    desired = annotate(render_revision(flow, placement, revision, revision, cluster), step.serving)
+    desired = annotate(render_revision(flow, placement, revision, entry, cluster), step.serving)
     if step.migration is not None:
         target = rescheduler.placement_of_record(flow, step.migration, state, cluster)
-        incoming = annotate(render_revision(flow, target, step.migration.revision, revision, cluster), step.migration)
-        desired = merge_revisions(desired, incoming)
+        incoming = annotate(render_revision(flow, target, step.migration.revision, entry, cluster), step.migration)
+        desired = annotate_move(merge_revisions(desired, incoming), step.move)
     return desired, placement
 
 
@@ -231,13 +274,14 @@ def run_plan(api: KubeApi, flow: Flow, body: dict, live: dict, nodes: list[NodeR
     measured, link_notes = with_links(nodes, load.links, dt.datetime.fromtimestamp(now, dt.timezone.utc))
     seen = observations(measured, load.utilisation, load.notes + link_notes)
     state = cluster_state(seen.tiers, seen.links, declared_links(flow))
-    serving, migration, last_move = current_plans(flow, old, live, now)
+    serving, migration, move, last_move = current_plans(flow, old, live, now)
     if tick is not None and serving is not None:
         state = with_stage_load(state, flow, serving.placement, tick.stages)
+    switched, taken = observe_switch(api, flow, live, migration, move)
     step = rescheduler.step(
         flow, serving, migration, state=state, cluster=cluster, now=now, last_migration_at=last_move,
         target_ready=migration is not None and revision_ready(flow, migration.revision, live),
-        due=tick is not None)
+        due=tick is not None, move=move, switched=switched, taken=taken)
     desired, placement = desired_objects(flow, step, state, cluster)
     run = Run(live=live, plan_status={}, step=step, placement=placement)
     try:
@@ -281,7 +325,8 @@ def write_status(api: KubeApi, body: dict, flow: Flow | None, run: Run, obs: Obs
     """Writes the status when it changed, and reports what this reconcile did."""
     meta, old = body["metadata"], body.get("status") or {}
     new = build_status(flow, obs, old, _now())
-    result = Result(flow=body, phase=new["phase"], actions=run.actions, step=run.step, links=run.link_states)
+    result = Result(flow=body, phase=new["phase"], actions=run.actions, step=run.step, links=run.link_states,
+                    requeue_s=run.step.wait_s if run.step is not None else None)
     patch = status_patch(new, old)
     if patch is not None:
         api.patch(AIFLOWS.path(meta.get("namespace"), meta["name"], "status"), patch)
@@ -321,12 +366,24 @@ def plan_fields(step: Step, old: dict, seen, predicted: float | None, tick: Tick
     decision = step.decision.to_status() if step.decision else old.get("lastDecision")
     return {
         "plan": step.serving.to_status(),
-        "migration": step.migration.to_status() if step.migration else None,
+        "migration": migration_status(step),
         "lastMigrationTime": stamp(step.last_migration_at) if step.last_migration_at is not None else None,
         "lastDecision": decision,
         "latency": latency or None,
         "observations": observed,
     }
+
+
+def migration_status(step: Step) -> dict | None:
+    """status.migration: the plan moved to, and the move's phase (`planner.migration`)."""
+    if step.migration is None:
+        return None
+    out = step.migration.to_status()
+    if step.move is not None:
+        out["move"] = step.move.to_record(stamp_up)
+        out["phase"] = step.move.phase
+        out["drainSeconds"] = round(step.grace_s, 3)
+    return out
 
 
 def degraded_message(tiers, step: Step | None) -> str:
@@ -355,7 +412,8 @@ def plan_events(flow: Flow | None, step: Step | None, old: dict) -> list[Event]:
     if step.started and decision is not None:
         kind, reason = ("Warning", "Failover") if decision.decision == rescheduler.FAILOVER else ("Normal", "Migrating")
         events.append(Event(kind, reason, f"{decision.reason}; revision {step.migration.revision} starts beside "
-                                          f"revision {step.serving.revision}, traffic switches when it is Ready"))
+                                          f"revision {step.serving.revision}, traffic switches when it is Ready, and revision "
+                                          f"{step.serving.revision} drains for {step.grace_s:g} s once the new one has taken it"))
     elif decision is not None and decision.decision in (rescheduler.REJECTED, rescheduler.SKIPPED) \
             and not decision.repeats(old.get("lastDecision")):
         kind, reason = ("Normal", "MigrationRejected") if decision.decision == rescheduler.REJECTED else ("Warning", "ReplanFailed")
@@ -364,7 +422,7 @@ def plan_events(flow: Flow | None, step: Step | None, old: dict) -> list[Event]:
         events.append(Event("Normal", "Migrated",
                             f"revision {step.serving.revision} is Ready and serves the flow "
                             f"({', '.join(f'{s}:{t}' for s, t in step.serving.placement)}); "
-                            f"revision {step.completed.revision} deleted"))
+                            f"revision {step.completed.revision} drained for {step.grace_s:g} s and deleted"))
     return events
 
 

@@ -4,20 +4,26 @@ Status is the operator's memory of the plan a flow runs and of a move under way,
 lost: restored from a backup without it, recreated by a GitOps tool, cleared by hand. So each
 Deployment also carries its revision's plan (`aiflow.io/plan`: revision, placement and the planner's
 knobs, nothing that changes while the revision lives), and the entry Service's selector says which
-revision serves. `recovered_plans` reads them back, so a reconcile without status carries on with
-the revision that serves instead of starting again at revision 1 and deleting it.
+revision serves. While a move is under way the entry Service also carries it (`aiflow.io/move`: from,
+to, phase and since when, `planner.migration.Move`), so a move that has switched the traffic and
+drains the old chain is neither taken for finished nor started again. `recovered_plans` reads them
+back, so a reconcile without status carries on with the revision that serves (and the move under way)
+instead of starting again at revision 1 and deleting it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 from aiflow.api.spec import AUTO, Flow
-from aiflow.controller.rescheduler import PlanRecord
+from aiflow.controller.rescheduler import PlanRecord, parse_stamp, stamp
 from aiflow.controller.revisions import REVISION_LABEL, revision_of
+from aiflow.planner.migration import Move
 
 PLAN_ANNOTATION = "aiflow.io/plan"
+MOVE_ANNOTATION = "aiflow.io/move"
 # What of a PlanRecord's status form a Deployment keeps: the fields fixed for the revision's life.
 _KEPT = ("revision", "placement", "planner", "splitLayer", "codec", "decoding", "fallbackFrom")
 
@@ -33,6 +39,30 @@ def annotate(objects: list[dict], record: PlanRecord) -> list[dict]:
         if obj["kind"] == "Deployment" and revision_of(obj) == record.revision:
             obj["metadata"].setdefault("annotations", {})[PLAN_ANNOTATION] = plan_annotation(record)
     return objects
+
+
+def annotate_move(objects: list[dict], move: Move | None) -> list[dict]:
+    """The entry Service with the move under way annotated (in place; returns `objects`)."""
+    if move is not None:
+        for obj in objects:
+            if obj["kind"] == "Service" and revision_of(obj) is None:
+                obj["metadata"].setdefault("annotations", {})[MOVE_ANNOTATION] = move.to_annotation(stamp_up)
+    return objects
+
+
+def stamp_up(t: float) -> str:
+    """A time to the second, rounded up: a drain read back from it is never shorter than meant."""
+    return stamp(math.ceil(t))
+
+
+def entry_service(live: dict[tuple[str, str], dict]) -> dict | None:
+    return next((o for (k, _), o in sorted(live.items()) if k == "Service" and revision_of(o) is None), None)
+
+
+def recorded_move(live: dict[tuple[str, str], dict]) -> Move | None:
+    """The move under way as the entry Service records it (None: none, or unreadable)."""
+    raw = (((entry_service(live) or {}).get("metadata") or {}).get("annotations") or {}).get(MOVE_ANNOTATION)
+    return Move.from_record(raw, parse_stamp) if raw else None
 
 
 def _recorded(flow: Flow, obj: dict) -> PlanRecord | None:
@@ -64,11 +94,14 @@ def recovered_plans(flow: Flow, live: dict[tuple[str, str], dict]) -> tuple[Plan
             records[record.revision] = record
     if not records:
         return None, None
-    entry = next((o for (k, _), o in sorted(live.items()) if k == "Service" and revision_of(o) is None), None)
+    entry = entry_service(live)
     try:
         selected = int(((entry or {}).get("spec") or {}).get("selector", {}).get(REVISION_LABEL))
     except (TypeError, ValueError):
         selected = None
+    move = recorded_move(live)
+    if move is not None and move.source in records and move.target in records:
+        selected = move.source  # switched but not finished: the old revision still drains
     serving_revision = selected if selected in records else min(records)
     newer = [r for r in records if r > serving_revision]
 

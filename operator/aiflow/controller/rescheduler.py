@@ -5,9 +5,11 @@ so every reconcile starts from what runs, never from scratch:
 
 - no plan yet, or a spec change the running plan no longer satisfies: plan now (in place: the objects
   of the serving revision are patched, Deployments roll their pods as usual);
-- a move under way: once every Deployment of the new revision is Ready, it becomes the serving one
-  (the entry Service flips, the old revision is deleted); a move whose tiers lost their nodes is
-  given up;
+- a move under way goes through the phases of `planner.migration` (the same as the local runtime's):
+  Starting until every Deployment of the new revision is Ready, Switching (the entry Service selects
+  the new revision) until the entry's EndpointSlices list only the new revision's pods, Draining for
+  the drain grace (from the flow's latency objective), then Done: the new revision serves and the
+  old one is deleted; a move whose tiers lost their nodes is given up (the entry goes back);
 - a tier the serving plan uses has no Ready node: re-plan on the tiers that remain and move at once
   (failover; no cooldown, whether rescheduling is enabled or not) — the flow is `Degraded` until
   that tier is back;
@@ -27,6 +29,7 @@ from aiflow.api.spec import AUTO, Flow
 from aiflow.planner.cluster import ClusterState
 from aiflow.planner.cost import Candidate
 from aiflow.planner.hysteresis import Policy, decide
+from aiflow.planner.migration import RETIRE, STARTING, SWITCHING, Move, Seen, advance, drain_grace_s
 from aiflow.planner.placement import assess_candidate, placement_of, plan_flow, resolve_placement
 from aiflow.planner.problem import PlanError
 from aiflow.planner.profile import ProfileError
@@ -186,6 +189,35 @@ class Step:
     started: bool = False
     last_migration_at: float | None = None
     notes: list[str] = field(default_factory=list)
+    move: Move | None = None  # the phase of the move under way (planner.migration)
+    grace_s: float = 0.0  # its drain grace
+    now: float = 0.0
+
+    @property
+    def entry_revision(self) -> int:
+        """The revision the entry Service selects."""
+        return self.move.entry if self.move is not None and self.migration is not None else self.serving.revision
+
+    @property
+    def wait_s(self) -> float | None:
+        """When to look again without an event to wait for: the endpoints of a switch are polled
+        (nothing watches EndpointSlices), and a drain ends at its grace."""
+        if self.move is None or self.migration is None:
+            return None
+        if self.move.phase == SWITCHING:
+            return SWITCH_POLL_S
+        if self.move.since is not None and self.move.phase != STARTING:
+            return max(0.5, self.grace_s - (self.now - self.move.since))
+        return None
+
+
+# How often a switched entry's EndpointSlices are read until the new chain is behind it.
+SWITCH_POLL_S = 1.0
+
+
+def grace_of(flow: Flow, serving: PlanRecord | None) -> float:
+    """The drain grace of a move away from `serving`."""
+    return drain_grace_s(flow.objective.latency_ms, serving.predicted_ms if serving else None)
 
 
 def lost_tiers(record: PlanRecord | None, cluster: ClusterView) -> list[str]:
@@ -212,10 +244,12 @@ def _plan(flow: Flow, state: ClusterState, cluster: ClusterView) -> Placement:
 
 def step(flow: Flow, serving: PlanRecord | None, migration: PlanRecord | None, *, state: ClusterState,
          cluster: ClusterView, now: float, last_migration_at: float | None, target_ready: bool,
-         due: bool) -> Step:
+         due: bool, move: Move | None = None, switched: bool = False, taken: bool = False) -> Step:
     """The plans after this reconcile. `target_ready`: every Deployment of `migration`'s revision is
-    Ready; `due`: the rescheduler's interval has come round for this flow."""
-    out = Step(serving, migration, last_migration_at=last_migration_at)
+    Ready; `move`: the phase the move under way was in (None: Starting); `switched`: the entry
+    Service selects `migration`'s revision; `taken`: its EndpointSlices list only that revision's
+    pods; `due`: the rescheduler's interval has come round for this flow."""
+    out = Step(serving, migration, last_migration_at=last_migration_at, now=now, grace_s=grace_of(flow, serving))
     names = tuple(s.name for s in flow.stages)
 
     if serving is None or serving.stages != names or serving.generation != flow.generation:
@@ -229,11 +263,13 @@ def step(flow: Flow, serving: PlanRecord | None, migration: PlanRecord | None, *
             out.migration, out.abandoned = None, migration
             out.notes.append(f"the move to revision {migration.revision} was given up: "
                              f"{', '.join(lost_tiers(migration, cluster)) or 'the stages changed'}")
-        elif target_ready:
-            out.serving, out.migration, out.completed = migration, None, serving
-            out.last_migration_at = now
-            return out
         else:
+            if move is None or (move.source, move.target) != (serving.revision, migration.revision):
+                move = Move(serving.revision, migration.revision, STARTING, now)
+            out.move, action = advance(move, Seen(now, target_ready, switched, taken), out.grace_s)
+            if action == RETIRE:
+                out.serving, out.migration, out.completed, out.move = migration, None, serving, None
+                out.last_migration_at = now
             return out
 
     lost = lost_tiers(out.serving, cluster)
@@ -246,7 +282,7 @@ def step(flow: Flow, serving: PlanRecord | None, migration: PlanRecord | None, *
         target = record_of(flow, placement, serving.revision + 1, now, set(serving.fallback_from) | set(lost))
         if lost_tiers(target, cluster):  # a pinned stage keeps the lost tier: nothing to move to
             return out
-        out.migration, out.started = target, True
+        out.migration, out.started, out.move = target, True, Move(serving.revision, target.revision, STARTING, now)
         out.decision = DecisionRecord(
             FAILOVER, f"{', '.join(lost)} has no Ready node: moving to {_summary(flow, target)} at once "
             f"({target.reason})", stamp(now), _summary(flow, target))
@@ -256,6 +292,7 @@ def step(flow: Flow, serving: PlanRecord | None, migration: PlanRecord | None, *
         out.decision, target = _reschedule(flow, out.serving, state, cluster, now, last_migration_at)
         if target is not None:
             out.migration, out.started = target, True
+            out.move = Move(out.serving.revision, target.revision, STARTING, now)
     return out
 
 

@@ -10,9 +10,12 @@ plans the captioning flow (`vision_head -> caption_drafter -> caption_verifier`,
 
 A plan runs as one revision: a copy of each stage's model under its own name (`vision_head.r2`,
 loaded from model_repo/ with a config override, beside the copies of the revision that serves).
-A move loads the new revision's copies, switches the entry the clients read from the state file,
-and only then unloads the old copies, entry first, each once its last request has left it. So a
-request in flight finishes on the revision it entered, and a new one enters the new revision.
+A move goes through the phases the operator's moves go through (`planner.migration`): Starting
+(the new revision's copies load; the old ones serve), Switching (the entry the clients read from the
+state file names the new revision, and is read back), Draining (the drain grace: a client that read
+the old entry still reaches it), Done (the old copies are unloaded, entry first, each once its last
+request has left it). So a request in flight finishes on the revision it entered, and a new one
+enters the new revision.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from aiflow.local.links import LinkConfig
 from aiflow.local.planning import SCHEME_NAME, UNSHAPED_MBPS, cluster_of, copy_name, scheme_of, source_model
 from aiflow.local.schemes import Placement, RunningFlow, Scheme, Wire, wiring
 from aiflow.planner.hysteresis import Decision, Policy, decide
+from aiflow.planner.migration import RETIRE, STARTING, Move, Seen, advance, drain_grace_s
 from aiflow.planner.problem import PlanError, Problem
 from aiflow.planner.profile import Profile
 from aiflow.planner.solver import Plan, assess, plan
@@ -38,7 +42,7 @@ from aiflow.planner.solver import Plan, assess, plan
 STATE_KEY = "adaptive"
 DEFAULT_INTERVAL_S = 10.0  # re-plan at least this often; a link change re-plans at the next poll
 POLL_S = 0.2
-DEFAULT_GRACE_S = 2.0  # after the switch: time for a client that read the old entry to reach it
+DEFAULT_GRACE_S = 2.0  # the least drain after the switch: time for a client that read the old entry to reach it
 DEFAULT_DRAIN_TIMEOUT_S = 300.0
 
 
@@ -164,18 +168,19 @@ class AdaptiveController:
         policy: Policy = Policy(),
         flow: Flow | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
-        grace_s: float = DEFAULT_GRACE_S,
+        grace_s: float | None = None,
         say: Callable[[str], None] = print,
         clock: Callable[[], float] = time.time,
     ):
-        if interval_s <= 0 or grace_s < 0:
-            raise ValueError(f"bad adaptive timing: interval {interval_s:g}s must be > 0, grace {grace_s:g}s >= 0")
+        if interval_s <= 0 or (grace_s is not None and grace_s < 0):
+            raise ValueError(f"bad adaptive timing: interval {interval_s:g}s must be > 0, grace {grace_s}s >= 0")
         self.runtime = runtime
         self.flow = flow or captioning_flow()
         self.profile, self.policy = profile, policy
         self.interval_s, self.grace_s = interval_s, grace_s
         self.say, self.clock = say, clock
         self.serving: Revision | None = None
+        self.move: Move | None = None  # the move under way (planner.migration)
         self.last_migration_at: float | None = None
         self.decisions: list[DecisionLog] = []
         self._seen_links: dict[str, LinkConfig] = {}
@@ -237,18 +242,52 @@ class AdaptiveController:
                         unload_drained(self.runtime, w.tier, w.model)
             return self._record("failed", f"revision {number} did not load, revision "
                                 f"{self.serving.number if self.serving else '-'} keeps serving: {'; '.join(errors)}")
-        old, self.serving = self.serving, target
-        if not initial:
-            self.last_migration_at = self.clock()
-        entry = self._record("initial" if initial else "moved", decision.reason)  # publishes the new entry
-        if old is not None:
-            self._retire(old)
+        old = self.serving
+        if old is None:
+            self.serving = target
+            return self._record("initial", decision.reason)
+        move, action = advance(Move(old.number, number, STARTING, self.clock()), Seen(self.clock(), target_ready=True),
+                               self.drain_s(old))
+        self.move, self.serving, self.last_migration_at = move, target, self.clock()
+        entry = self._record("moved", decision.reason)  # publishes the new entry: the switch
+        self._finish(old, target)
         return entry
+
+    def drain_s(self, old: Revision) -> float:
+        """The drain grace of a move away from `old`: as given, else from the flow's latency objective
+        (or the old plan's predicted latency), at least DEFAULT_GRACE_S."""
+        if self.grace_s is not None:
+            return self.grace_s
+        return drain_grace_s(self.flow.objective.latency_ms, old.plan.latency_ms, floor_s=DEFAULT_GRACE_S)
+
+    def _switched(self, target: Revision) -> bool:
+        """Whether the state file the clients read names the target's entry (read back)."""
+        from aiflow.local.runtime import RuntimeNotRunning, read_state
+
+        with contextlib.suppress(OSError, ValueError, KeyError, RuntimeNotRunning):
+            return serving_scheme(read_state(self.runtime.state_dir)).entry.model == target.scheme.entry.model
+        return False
+
+    def _finish(self, old: Revision, target: Revision) -> None:
+        """Switching -> Draining -> Done, as `planner.migration.advance` says, then retire `old`."""
+        grace, action = self.drain_s(old), None
+        deadline = time.monotonic() + grace + DEFAULT_DRAIN_TIMEOUT_S
+        while action != RETIRE:
+            switched = self._switched(target)  # the clients read the entry per request: switched is taken
+            self.move, action = advance(self.move, Seen(self.clock(), True, switched, switched), grace)
+            if action == RETIRE:
+                break
+            if time.monotonic() > deadline:
+                self.say(f"[adaptive] revision {target.number}: the switch was not seen in the state file; "
+                         f"retiring revision {old.number} anyway")
+                break
+            time.sleep(min(POLL_S, self.move.left_s(grace, self.clock()) or POLL_S))
+        self.move = None
+        self._retire(old)
 
     def _retire(self, old: Revision) -> None:
         """Unload the old revision's copies entry first, each after its last request has left it: a
         request in flight then never finds its next stage gone."""
-        time.sleep(self.grace_s)
         for p in old.scheme.chain:
             if not unload_drained(self.runtime, p.tier, p.model):
                 self.say(f"[adaptive] {p.tier}: {p.model} still busy after {DEFAULT_DRAIN_TIMEOUT_S:g}s; "
@@ -261,6 +300,7 @@ class AdaptiveController:
             "revision": s.number if s else 0,
             "scheme": scheme_dict(s.scheme) if s else None,
             "plan": s.plan.to_dict() if s else None,
+            "move": self.move.to_record() if self.move else None,
             "policy": {"min_improvement": self.policy.min_improvement, "cooldown_s": self.policy.cooldown_s,
                        "interval_s": self.interval_s},
             "decisions": [asdict(d) for d in self.decisions[-20:]],

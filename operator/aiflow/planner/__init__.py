@@ -9,5 +9,7 @@ May import `aiflow.api` and `aiflow.contract`; never torch, Triton or the data-p
 - `cost`: predicted latency, bytes and quality of one candidate (`evaluate`)
 - `solver`: `plan(problem) -> Plan`, `assess(problem, candidate)`, and the exhaustive reference
 - `hysteresis`: `decide(current, candidate, policy, now, last_migration_at)` for the rescheduler
+- `migration`: how a move goes (Starting -> Switching -> Draining -> Done, `advance`), the same for
+  the operator and the local runtime's adaptive mode
 - `placement`: the operator's `resolve_placement` seam
 """
