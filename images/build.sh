@@ -4,7 +4,8 @@
 #   images/build.sh [TARGET...]    TARGET: deps base wheels operator stage-cpu stage-gpu all
 #                                  (default: operator stage-cpu, and what they need)
 #
-#   deps       apt-get install the engine and debootstrap when absent (root, Debian/Ubuntu)
+#   deps       apt-get install debootstrap, buildah, podman, runc, iptables, netavark and aardvark-dns
+#              where absent (root, Debian/Ubuntu)
 #   base       a Debian bookworm + Python 3.11 base image made with debootstrap, imported as
 #              $BASE_IMAGE (localhost/aiflow-base:bookworm-<hash>); kept when it exists already.
 #              Only for buildah/podman with no BASE_IMAGE given: where a registry is reachable,
@@ -60,7 +61,7 @@ if [ -z "${OCI_RUNTIME:-}" ] && have runc; then OCI_RUNTIME=runc; fi
 
 deps() {
   local want=() pkg
-  for pkg in debootstrap buildah podman runc netavark aardvark-dns; do
+  for pkg in debootstrap buildah podman runc iptables netavark aardvark-dns; do
     dpkg -s "$pkg" >/dev/null 2>&1 || want+=("$pkg")
   done
   if [ ${#want[@]} -eq 0 ]; then say "deps: all installed"; return; fi

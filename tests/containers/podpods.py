@@ -95,8 +95,9 @@ def named_port(container: Mapping, port: int | str) -> int:
 
 def pod_run_args(deployment: Mapping, name: str, network: str, aliases: Sequence[str] = (),
                  add_hosts: Mapping[str, str] | None = None, ip: str | None = None,
-                 image_user: str | None = None) -> list[str]:
-    """`podman run` arguments (after `run`) for one pod of `deployment`, named `name`."""
+                 image_user: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """`podman run` arguments (after `run`) for one pod of `deployment`, named `name`; `extra` goes
+    before the image (tests use it to break a pod on purpose)."""
     pod = deployment["spec"]["template"]["spec"]
     containers = pod.get("containers") or []
     if len(containers) != 1 or pod.get("initContainers"):
@@ -178,6 +179,7 @@ def pod_run_args(deployment: Mapping, name: str, network: str, aliases: Sequence
         args += ["--workdir", c["workingDir"]]
     if c.get("command"):
         args += ["--entrypoint", json.dumps(c["command"])]
+    args += list(extra)
     args.append(c["image"])
     args += list(c.get("args") or ())
     return args
@@ -240,6 +242,7 @@ class PodmanFlow:
     objects: list[dict]
     replicas: int | None = 1  # pods per Deployment; None: each Deployment's spec.replicas
     dns: bool = True  # False: static addresses and --add-host for every Service name
+    extra_args: tuple[str, ...] = ()  # more `podman run` arguments for every pod
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     pods: list[Pod] = field(default_factory=list)
 
@@ -288,7 +291,7 @@ class PodmanFlow:
             image = d["spec"]["template"]["spec"]["containers"][0]["image"]
             user = podman("image", "inspect", "--format", "{{.Config.User}}", image).stdout.strip()
             args = pod_run_args(d, name, self.network, aliases if self.dns else (), hosts or None,
-                                ips.get(name), image_user=user)
+                                ips.get(name), image_user=user, extra=self.extra_args)
             podman("run", *args)
             self.pods.append(Pod(name, d))
         for pod in self.pods:
