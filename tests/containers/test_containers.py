@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.containers, pytest.mark.timeout(1200)]
 
 EXAMPLE = podpods.REPO / "examples" / "captioning.yaml"
 READY_TIMEOUT_S = 420  # 2 busy cores, three torch stages loading at once
-BROKEN_TIMEOUT_S = 75  # a healthy head stage is ready in ~15-30 s here
+GRACE_S = 30  # a broken pod must still not be ready this long after a healthy one started with it was
 SCENES = 4
 
 
@@ -43,9 +43,10 @@ def require(condition: bool, reason: str) -> None:
 
 @pytest.fixture(scope="module")
 def images():
+    import yaml
+
     from aiflow.api.images import CPU_STAGE_IMAGE
     from tests.chart.rendering import CHART_DIR
-    import yaml
 
     require(shutil.which("podman") is not None, "podman is not installed (images/build.sh deps)")
     require(os.geteuid() == 0, "the container test runs rootful podman: run as root")
@@ -85,7 +86,22 @@ def container_captions(rendered, scenes):
         users = {p.name: podpods.podman("exec", p.name, "id", "-u").stdout.strip() for p in flow.pods}
         # The root filesystem really is read-only for the stage's uid.
         ro = podpods.podman("exec", flow.pods[0].name, "sh", "-c", "touch /opt/aiflow/x", check=False)
-    return {"results": results, "ready": ready, "users": users, "ro": ro, "scheme": scheme}
+        resolved = next_stage_addresses(flow)
+    return {"results": results, "ready": ready, "users": users, "ro": ro, "scheme": scheme, "resolved": resolved}
+
+
+def next_stage_addresses(flow: PodmanFlow) -> list[tuple[str, str, str]]:
+    """(AIFLOW_NEXT_URL host, its address seen from the stage's container, the next pod's address)."""
+    by_deployment = {p.deployment["metadata"]["name"]: p for p in flow.pods}
+    out = []
+    for pod in flow.pods:
+        env = {e["name"]: e["value"] for e in pod.container["env"]}
+        if "AIFLOW_NEXT_URL" in env:
+            host = env["AIFLOW_NEXT_URL"].rsplit(":", 1)[0]
+            seen = podpods.podman("exec", pod.name, "python3", "-c",
+                                  f"import socket; print(socket.gethostbyname({host!r}))").stdout.strip()
+            out.append((host, seen, by_deployment[host.split(".")[0]].address))
+    return out
 
 
 def test_rendered_flow_in_containers_captions_exactly_like_the_local_runtime(container_captions, rendered, scenes, local_runtime):
@@ -138,55 +154,80 @@ def unreadable_repo(tmp_path_factory):
     return path
 
 
-def run_broken(objects: list[dict], extra_mount: str | None = None) -> None:
-    """Start `objects` and wait for readiness (HarnessError when the pod never gets ready)."""
-    with PodmanFlow(objects, extra_args=("--mount", extra_mount) if extra_mount else ()) as flow:
-        flow.wait_ready(BROKEN_TIMEOUT_S)
+PROBE_CASES = {"probe-path": ("path", "/v2/health/nowhere"), "probe-port": ("port", 8009),
+               "probe-port-name": ("port", "nope")}
 
 
-def test_a_model_repository_the_pod_uid_cannot_read_fails(rendered, unreadable_repo):
-    objects = head_only(rendered)
-    repo = next(a.split("=", 1)[1] for a in container(objects)["args"] if a.startswith("--model-repository="))
-    with pytest.raises(HarnessError, match="exited before it was ready|not ready"):
-        run_broken(objects, extra_mount=f"type=bind,source={unreadable_repo},destination={repo},ro=true")
-
-
-@pytest.mark.parametrize("field, value", [("path", "/v2/health/nowhere"), ("port", 8009), ("port", "nope")])
-def test_a_wrong_probe_path_or_port_never_gets_ready(rendered, field, value):
-    objects = head_only(rendered)
-    container(objects)["readinessProbe"]["httpGet"][field] = value
-    with pytest.raises(HarnessError, match="readinessProbe|no port named"):
-        run_broken(objects)
-
-
-def test_a_next_stage_address_that_does_not_resolve_fails_the_request(rendered, scenes):
+@pytest.fixture(scope="module")
+def broken(rendered, unreadable_repo, scenes):
+    """The first stage, broken one way per pod, all started at once beside a control whose only change
+    is a next-stage address that does not exist (it must get ready: the others had as long, and
+    GRACE_S more). Returns what each run raised (None: nothing)."""
     from aiflow.local.client import CaptionError
 
+    cases = {}
+    for name, (key, value) in PROBE_CASES.items():
+        objects = head_only(rendered)
+        container(objects)["readinessProbe"]["httpGet"][key] = value
+        cases[name] = (objects, ())
     objects = head_only(rendered)
-    env = container(objects)["env"]
-    (var,) = [e for e in env if e["name"] == "AIFLOW_NEXT_URL"]
+    repo = next(a.split("=", 1)[1] for a in container(objects)["args"] if a.startswith("--model-repository="))
+    cases["unreadable-repo"] = (objects, ("--mount", f"type=bind,source={unreadable_repo},destination={repo},ro=true"))
+    objects = head_only(rendered)
+    (var,) = [e for e in container(objects)["env"] if e["name"] == "AIFLOW_NEXT_URL"]
     var["value"] = var["value"].replace("captioning-drafter", "captioning-nowhere")
-    with PodmanFlow(objects) as flow:
-        flow.wait_ready(READY_TIMEOUT_S)
-        url = f"127.0.0.1:{flow.entry().host_port('grpc')}"
-        with pytest.raises(CaptionError, match="captioning-nowhere"):
-            podpods.caption(url, "vision_head", scenes[:1], timeout_s=60)
+    cases["next-unresolved"] = (objects, ())
+
+    flows: dict[str, PodmanFlow] = {}
+    outcome: dict[str, BaseException | None] = {}
+    try:
+        for name, (objects, extra) in cases.items():
+            flows[name] = PodmanFlow(objects, extra_args=extra).__enter__()
+        control = flows["next-unresolved"]
+        control.wait_ready(READY_TIMEOUT_S)
+        try:
+            podpods.caption(f"127.0.0.1:{control.entry().host_port('grpc')}", "vision_head", scenes[:1], timeout_s=60)
+            outcome["next-unresolved"] = None
+        except CaptionError as exc:
+            outcome["next-unresolved"] = exc
+        for name, flow in flows.items():
+            if flow is not control:
+                try:
+                    flow.wait_ready(GRACE_S)
+                    outcome[name] = None
+                except HarnessError as exc:
+                    outcome[name] = exc
+    finally:
+        for flow in flows.values():
+            flow.stop()
+    return outcome
 
 
-def test_the_real_next_stage_name_resolves_on_the_network(rendered):
-    """What the chain test relies on, shown directly: every AIFLOW_NEXT_URL host resolves from the
-    previous stage's container to the next stage's address."""
-    with PodmanFlow(rendered) as flow:
-        by_deployment = {p.deployment["metadata"]["name"]: p for p in flow.pods}
-        for pod in flow.pods:
-            env = {e["name"]: e["value"] for e in pod.container["env"]}
-            if "AIFLOW_NEXT_URL" not in env:
-                continue
-            host = env["AIFLOW_NEXT_URL"].rsplit(":", 1)[0]
-            out = podpods.podman("exec", pod.name, "python3", "-c",
-                                 f"import socket; print(socket.gethostbyname({host!r}))").stdout.strip()
-            target = by_deployment[host.split(".")[0]]
-            assert out == target.address
+def test_a_model_repository_the_pod_uid_cannot_read_fails(broken):
+    error = broken["unreadable-repo"]
+    assert isinstance(error, HarnessError), "the pod got ready"
+    assert "exited before it was ready" in str(error) or "not ready" in str(error)
+
+
+@pytest.mark.parametrize("case", PROBE_CASES)
+def test_a_wrong_probe_path_or_port_never_gets_ready(broken, case):
+    error = broken[case]
+    assert isinstance(error, HarnessError), f"{case}: the pod got ready"
+    assert "readinessProbe" in str(error) or "no port named" in str(error)
+
+
+def test_a_next_stage_address_that_does_not_resolve_fails_the_request(broken):
+    error = broken["next-unresolved"]
+    assert error is not None and "captioning-nowhere" in str(error)
+
+
+def test_every_next_stage_address_resolves_to_the_next_stage_pod(container_captions):
+    """What the chain relies on, shown directly: each AIFLOW_NEXT_URL host (`<svc>.<ns>.svc`)
+    resolves, from inside the stage's container, to the pod its Service selects."""
+    resolved = container_captions["resolved"]
+    assert len(resolved) == 2
+    for host, seen, expected in resolved:
+        assert host.endswith(".default.svc") and seen == expected, (host, seen, expected)
 
 
 # ---- the operator image -----------------------------------------------------------------------------
@@ -194,8 +235,9 @@ def test_the_real_next_stage_name_resolves_on_the_network(rendered):
 
 def operator_run(images, *args: str) -> subprocess.CompletedProcess:
     """The operator container as the chart's Deployment runs it, with other arguments."""
-    from tests.chart.rendering import CHART_DIR, render
     import helm_python
+
+    from tests.chart.rendering import CHART_DIR, render
 
     chart = helm_python.Chart.load(str(CHART_DIR))
     deployment = copy.deepcopy(render(chart, {}).one("Deployment"))
