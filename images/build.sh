@@ -125,26 +125,12 @@ base() {
   say "base: $image in $((SECONDS - start)) s"
 }
 
-# Every requirement of the images, read from pyproject.toml (base dependencies + the flow extra).
-requirements() {
-  "$PYTHON" - <<'EOF'
-import re
-text = open("pyproject.toml", encoding="utf-8").read()
-def block(pattern):
-    m = re.search(pattern + r"\s*=\s*\[(.*?)\n\]", text, re.S)
-    return re.findall(r'^\s*"([^"]+)"', m.group(1), re.M) if m else []
-for req in block(r"\ndependencies") + block(r"\nflow"):
-    if not req.startswith("torch"):
-        print(req)
-EOF
-}
-
 wheels() {
   have "$PYTHON" || die "$PYTHON not found (PYTHON=...): the host's pip fills images/wheels/"
   mkdir -p "$WHEELS"
-  local reqs stamp
-  reqs="$(requirements)"
-  stamp="$(printf '%s\n%s\n%s\n' "$TORCH_VERSION" "$reqs" "${TORCH_INDEX_URL:-}" | sha256sum | cut -c1-16)"
+  local stamp
+  stamp="$(cat images/stage-requirements.txt images/operator-requirements.txt; echo "${TORCH_INDEX_URL:-}")"
+  stamp="$(printf '%s' "$stamp" | sha256sum | cut -c1-16)"
   if [ -f "$WHEELS/.stamp" ] && [ "$(cat "$WHEELS/.stamp")" = "$stamp" ]; then
     say "wheels: images/wheels/ is up to date"; return
   fi
@@ -155,18 +141,18 @@ wheels() {
   target+=(--platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
   local torch_index=()
   [ -z "${TORCH_INDEX_URL:-}" ] || torch_index=(--index-url "$TORCH_INDEX_URL")
-  say "wheels: torch==$TORCH_VERSION (CPU) and $(echo "$reqs" | wc -l) requirements into images/wheels/"
+  say "wheels: torch==$TORCH_VERSION (CPU) and images/*-requirements.txt into images/wheels/"
   "$PYTHON" -m pip download -q --no-deps "${target[@]}" "${torch_index[@]}" -d "$WHEELS" "torch==$TORCH_VERSION"
   ls "$WHEELS"/torch-"$TORCH_VERSION"*.whl >/dev/null 2>&1 || die "pip found no torch $TORCH_VERSION wheel"
   case "$(ls "$WHEELS"/torch-"$TORCH_VERSION"*.whl)" in
     *+cpu*) ;;
     *) say "wheels: warning: the torch wheel is not the +cpu build (set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu)" ;;
   esac
-  # torch's own dependencies and the project's (the project itself builds from source in the image,
-  # which needs setuptools and wheel).
-  # shellcheck disable=SC2086
-  "$PYTHON" -m pip download -q "${target[@]}" -d "$WHEELS" \
-    $(ls "$WHEELS"/torch-"$TORCH_VERSION"*.whl) "setuptools>=69" wheel $reqs
+  # torch's own dependencies, the images' requirements, and setuptools and wheel: the project itself
+  # builds from source in the image.
+  grep -v '^torch==' images/stage-requirements.txt >"$WHEELS/.rest.txt"
+  "$PYTHON" -m pip download -q "${target[@]}" -d "$WHEELS" "$(ls "$WHEELS"/torch-"$TORCH_VERSION"*.whl)" \
+    "setuptools>=69" wheel -r "$WHEELS/.rest.txt" -r images/operator-requirements.txt
   echo "$stamp" >"$WHEELS/.stamp"
   say "wheels: $(ls "$WHEELS"/*.whl | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1), in $((SECONDS - start)) s"
 }

@@ -26,19 +26,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     AIFLOW_MODEL_REPO=/opt/aiflow/model_repo \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-# The base dependencies only: no torch, no Triton; the operator never imports the data plane.
-# Wheels in images/wheels/ (images/build.sh fills it) come first; PIP_ARGS=--no-index makes the build
-# read no index at all, the default empty PIP_ARGS lets pip fetch what images/wheels/ lacks.
+# The base dependencies only (images/operator-requirements.txt): no torch, no Triton; the operator
+# never imports the data plane. They install before the project, so a code change rebuilds only the
+# project's layer. Wheels in images/wheels/ (images/build.sh fills it) come first; PIP_ARGS=--no-index
+# makes the build read no index at all, the default empty PIP_ARGS lets pip fetch what is missing.
 ARG PIP_ARGS=
-COPY pyproject.toml README.md /tmp/src/
-COPY operator/ /tmp/src/operator/
+COPY images/operator-requirements.txt /tmp/requirements.txt
 RUN --mount=type=bind,source=images/wheels,target=/tmp/wheels \
     set -eu; \
     python3 -m venv /opt/venv; \
-    /opt/venv/bin/pip install ${PIP_ARGS} --find-links /tmp/wheels /tmp/src; \
-    rm -rf /tmp/src /root/.cache; \
+    /opt/venv/bin/pip install ${PIP_ARGS} --find-links /tmp/wheels -r /tmp/requirements.txt; \
+    rm -rf /tmp/requirements.txt /root/.cache; \
     groupadd --gid 10001 aiflow; \
     useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin aiflow
+COPY pyproject.toml README.md /tmp/src/
+COPY operator/ /tmp/src/operator/
+RUN --mount=type=bind,source=images/wheels,target=/tmp/wheels \
+    /opt/venv/bin/pip install ${PIP_ARGS} --find-links /tmp/wheels /tmp/src && rm -rf /tmp/src /root/.cache
 COPY crds/aiflow.io_aiflows.yaml /opt/aiflow/crds/aiflow.io_aiflows.yaml
 COPY model_repo/ /opt/aiflow/model_repo/
 # The uid/gid of the chart's podSecurityContext.

@@ -43,21 +43,26 @@ RUN set -eu; \
     fi; \
     python3 -m venv /opt/venv
 
-# torch from the wheel in the build context first (a plain `pip install torch` resolves the multi-GB
-# CUDA build), then the data plane; numpy<2 because the stub returns empty outputs with numpy 2.
-# Wheels in images/wheels/ come first. images/build.sh fills it with every wheel the image needs and
-# passes PIP_ARGS=--no-index, so its builds read no index; with the default empty PIP_ARGS pip fetches
-# what images/wheels/ lacks.
+# torch from the wheel in images/wheels/ (a plain `pip install torch` resolves the multi-GB CUDA
+# build), then the rest of images/stage-requirements.txt (numpy<2: the stub returns empty outputs with
+# numpy 2), then the project alone: a code change rebuilds only that layer and the ones after it.
+# images/build.sh fills images/wheels/ with every wheel and passes PIP_ARGS=--no-index, so its builds
+# read no index; with the default empty PIP_ARGS pip fetches what images/wheels/ lacks.
 ARG PIP_ARGS=
+COPY images/stage-requirements.txt /tmp/requirements.txt
+RUN --mount=type=bind,source=images/wheels,target=/tmp/wheels \
+    set -eu; \
+    ls /tmp/wheels/torch-"${TORCH_VERSION}"*.whl >/dev/null 2>&1 \
+      || { echo "images/wheels/ holds no torch ${TORCH_VERSION} wheel: run images/build.sh wheels" >&2; exit 1; }; \
+    pip="/opt/venv/bin/pip install ${PIP_ARGS} --find-links /tmp/wheels"; \
+    $pip /tmp/wheels/torch-"${TORCH_VERSION}"*.whl; \
+    $pip -r /tmp/requirements.txt; \
+    rm -rf /tmp/requirements.txt /root/.cache
 COPY pyproject.toml README.md /tmp/src/
 COPY operator/ /tmp/src/operator/
 RUN --mount=type=bind,source=images/wheels,target=/tmp/wheels \
     set -eu; \
-    ls /tmp/wheels/torch-"${TORCH_VERSION}"*.whl >/dev/null 2>&1 \
-      || { echo "images/wheels/ holds no torch ${TORCH_VERSION} wheel: run images/build.sh" >&2; exit 1; }; \
-    pip="/opt/venv/bin/pip install ${PIP_ARGS} --find-links /tmp/wheels"; \
-    $pip /tmp/wheels/torch-"${TORCH_VERSION}"*.whl; \
-    $pip "/tmp/src[flow]" "numpy<2" "torch==${TORCH_VERSION}"; \
+    /opt/venv/bin/pip install ${PIP_ARGS} --find-links /tmp/wheels "/tmp/src[flow]" "numpy<2" "torch==${TORCH_VERSION}"; \
     rm -rf /tmp/src /root/.cache
 
 # Lay out the bundled server as the NVIDIA image does, at build time, so a read-only root works:

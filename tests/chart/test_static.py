@@ -305,3 +305,25 @@ def test_the_package_builds_from_the_image_build_context_without_the_data_plane(
     base = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]
     assert base and not any(r.split()[0].lower().startswith(("torch", "tritonclient", "nvidia-pytriton",
                                                               "transformers")) for r in base), base
+
+
+def test_the_images_requirement_lists_are_the_package_requirements():
+    """images/*-requirements.txt (installed before the project, for layer caching) say what
+    pyproject.toml says: the base dependencies for the operator, plus the flow extra and the CPU torch
+    pin for the stage image."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base = project["dependencies"]
+    flow = [r for r in project["optional-dependencies"]["flow"] if not r.startswith("torch")]
+
+    def listed(name):
+        return [line.strip() for line in (REPO / "images" / name).read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    assert listed("operator-requirements.txt") == base
+    stage = listed("stage-requirements.txt")
+    assert stage[0] == "torch==2.13.0" and set(stage[1:]) == set(base) | set(flow)
+    assert 'TORCH_VERSION=2.13.0' in BUILD_SCRIPT.read_text()
+    for name in ("operator-requirements.txt", "stage-requirements.txt"):
+        assert dockerignore_allows(f"images/{name}")
