@@ -7,15 +7,6 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG SOURCE=https://github.com/aiflow-project/aiflow
-LABEL org.opencontainers.image.title="aiflow operator" \
-      org.opencontainers.image.description="aiflow operator: AIFlow custom resources as chains of Triton stage servers, and the link probe" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.source="${SOURCE}" \
-      org.opencontainers.image.licenses="Apache-2.0"
 
 # The operator checks flows against this CRD and these models (see aiflow/api/locations.py).
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -49,3 +40,14 @@ COPY model_repo/ /opt/aiflow/model_repo/
 USER 10001:10001
 ENTRYPOINT ["aiflow"]
 CMD ["operator", "--all-namespaces"]
+
+# Last, so that a new revision only relabels the image and rebuilds no layer.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/aiflow-project/aiflow
+LABEL org.opencontainers.image.title="aiflow operator" \
+      org.opencontainers.image.description="aiflow operator: AIFlow custom resources as chains of Triton stage servers, and the link probe" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0"

@@ -17,15 +17,6 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG SOURCE=https://github.com/aiflow-project/aiflow
-LABEL org.opencontainers.image.title="aiflow triton-stage-cpu" \
-      org.opencontainers.image.description="aiflow stage server: Triton Inference Server (CPU) with the aiflow data plane and model repository" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.source="${SOURCE}" \
-      org.opencontainers.image.licenses="Apache-2.0"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -92,3 +83,14 @@ WORKDIR /opt/aiflow
 USER 1000:1000
 EXPOSE 8000 8001 8002
 CMD ["tritonserver", "--model-repository=/opt/aiflow/model_repo", "--model-control-mode=explicit"]
+
+# Last, so that a new revision only relabels the image and rebuilds no layer.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/aiflow-project/aiflow
+LABEL org.opencontainers.image.title="aiflow triton-stage-cpu" \
+      org.opencontainers.image.description="aiflow stage server: Triton Inference Server (CPU) with the aiflow data plane and model repository" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0"
