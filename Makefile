@@ -40,5 +40,7 @@ kind-demo: setup
 kind-down:
 	KIND_CLUSTER=$(KIND_CLUSTER) scripts/kind-demo.sh down
 
+# The operator and CPU stage images from images/*.Dockerfile (buildah/podman, else docker; a debootstrap
+# base where no registry is reachable). `images/build.sh stage-gpu` builds the NVIDIA Triton stage image.
 images:
-	scripts/kind-demo.sh images
+	images/build.sh operator stage-cpu

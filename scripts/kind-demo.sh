@@ -3,7 +3,7 @@
 # the chart, the captioning example, and one caption served through it.
 #
 #   scripts/kind-demo.sh [up]   create/reuse the cluster, build+load images, install, apply, caption
-#   scripts/kind-demo.sh images build the two images only
+#   scripts/kind-demo.sh images build the operator and CPU stage images only (images/build.sh)
 #   scripts/kind-demo.sh down   delete the cluster
 #
 # Needs docker, kind, kubectl, helm, and the project venv (make setup) for the caption request.
@@ -13,11 +13,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 CLUSTER="${KIND_CLUSTER:-aiflow}"
-# The chart's default operator image (values.yaml + appVersion) and the CRD's default stage image;
-# tests/chart/test_static.py keeps these three in step.
+# The chart's default operator image (values.yaml + appVersion) and its CPU stage image
+# (stageImages.cpu); tests/chart/test_static.py keeps these in step. kind nodes have no GPU: every
+# tier runs the CPU stage image, built here from images/triton-stage-cpu.Dockerfile.
 OPERATOR_IMAGE="${OPERATOR_IMAGE:-ghcr.io/aiflow/operator:0.1.0}"
-DEFAULT_STAGE_IMAGE="ghcr.io/aiflow/triton-stage:0.1.0"
-STAGE_IMAGE="${STAGE_IMAGE:-$DEFAULT_STAGE_IMAGE}"
+DEFAULT_STAGE_CPU_IMAGE="ghcr.io/aiflow/triton-stage-cpu:0.1.0"
+STAGE_CPU_IMAGE="${STAGE_CPU_IMAGE:-$DEFAULT_STAGE_CPU_IMAGE}"
 RELEASE="${RELEASE:-aiflow-operator}"
 OPERATOR_NAMESPACE="${OPERATOR_NAMESPACE:-aiflow-system}"
 FLOW_FILE="${FLOW_FILE:-examples/captioning.yaml}"
@@ -38,10 +39,10 @@ need() {
 build_images() {
   need docker
   docker info >/dev/null 2>&1 || die "the docker daemon is not reachable (is it running?)"
-  say "Building $OPERATOR_IMAGE"
-  docker build -f images/operator.Dockerfile -t "$OPERATOR_IMAGE" .
-  say "Building $STAGE_IMAGE (the NVIDIA Triton base image is several GB on first pull)"
-  docker build -f images/triton-stage.Dockerfile -t "$STAGE_IMAGE" .
+  # The same script and Dockerfiles as CI, with docker and a python:3.11 base from the registry.
+  say "Building $OPERATOR_IMAGE and $STAGE_CPU_IMAGE (images/build.sh)"
+  ENGINE=docker OPERATOR_IMAGE="$OPERATOR_IMAGE" STAGE_CPU_IMAGE="$STAGE_CPU_IMAGE" \
+    images/build.sh operator stage-cpu
 }
 
 create_cluster() {
@@ -61,21 +62,19 @@ up() {
   create_cluster
   build_images
   say "Loading images into the cluster nodes"
-  kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$STAGE_IMAGE"
+  kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$STAGE_CPU_IMAGE"
 
   say "Installing the chart (release $RELEASE in $OPERATOR_NAMESPACE)"
   helm upgrade --install "$RELEASE" charts/aiflow-operator \
     --namespace "$OPERATOR_NAMESPACE" --create-namespace \
     --set image.repository="${OPERATOR_IMAGE%:*}" --set image.tag="${OPERATOR_IMAGE##*:}" \
+    --set stageImages.cpu.repository="${STAGE_CPU_IMAGE%:*}" --set stageImages.cpu.tag="${STAGE_CPU_IMAGE##*:}" \
+    --set stageImages.tiers.cloud=cpu \
     --wait --timeout 5m
 
   say "Applying $FLOW_FILE"
   flow_ref="$(kubectl -n "$FLOW_NAMESPACE" apply -f "$FLOW_FILE" -o name | grep -i '^aiflow' | head -n1)"
   [ -n "$flow_ref" ] || die "$FLOW_FILE holds no AIFlow"
-  if [ "$STAGE_IMAGE" != "$DEFAULT_STAGE_IMAGE" ]; then
-    kubectl -n "$FLOW_NAMESPACE" patch "$flow_ref" --type merge \
-      -p "{\"spec\":{\"triton\":{\"image\":\"$STAGE_IMAGE\"}}}" >/dev/null
-  fi
 
   say "Waiting for $flow_ref to be Ready (first start loads the models; up to $READY_TIMEOUT)"
   if ! kubectl -n "$FLOW_NAMESPACE" wait "$flow_ref" --for=condition=Ready --timeout="$READY_TIMEOUT"; then

@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from aiflow.api.images import DEFAULT_TIER_IMAGES, STAGE_IMAGES_ENV, configured_tier_images
 from aiflow.cli import build_parser
 from aiflow.controller import metrics
 from tests.chart.rendering import (
@@ -253,6 +254,17 @@ def test_kopf_peering_crds_match_the_resources_the_rbac_names():
     }
 
 
+def test_stage_images_values_reach_the_operator_per_tier(chart):
+    from tests.chart.rendering import render
+
+    chart_yaml = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    rendered = render(chart, {"stageImages": {"cpu": {"repository": "r/cpu", "tag": "7"},
+                                              "tiers": {"device": "cpu", "edge": "gpu", "cloud": "cpu"}}})
+    env = {e["name"]: e.get("value") for e in containers(rendered.one("Deployment"))[0]["env"]}
+    assert configured_tier_images(env) == {"device": "r/cpu:7", "edge": f"ghcr.io/aiflow/triton-stage:{chart_yaml['appVersion']}",
+                                          "cloud": "r/cpu:7"}
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_operator_container_runs_what_the_aiflow_cli_accepts(rendered_sets, name):
     """The command line the chart renders is parsed by the real `aiflow` parser, and means what the
@@ -271,10 +283,12 @@ def test_operator_container_runs_what_the_aiflow_cli_accepts(rendered_sets, name
     env = {e["name"]: e.get("value") for e in container["env"]}
     peering = values.get("peering", {}).get("enabled", False)
     probe = values.get("linkProbe", {}).get("enabled", False)
-    assert set(env) == ({metrics.METRICS_PORT_ENV} | ({"POD_ID"} if peering else set())
+    assert set(env) == ({metrics.METRICS_PORT_ENV, STAGE_IMAGES_ENV} | ({"POD_ID"} if peering else set())
                         | ({"AIFLOW_LINK_NAMESPACE"} if probe else set()))
     if probe:  # the operator reads the probes' ConfigMaps where the chart runs them
         assert env["AIFLOW_LINK_NAMESPACE"] == NAMESPACE
+    # The stage images the values name per tier, as the operator reads them.
+    assert configured_tier_images(env) == DEFAULT_TIER_IMAGES
     expected = "0" if values.get("metrics", {}).get("enabled") is False else str(ports["metrics"])
     assert env[metrics.METRICS_PORT_ENV] == expected
 

@@ -26,6 +26,8 @@ from tests.chart.rendering import CHART_DIR, REPO, load_yaml
 DOCKERFILES = sorted((REPO / "images").glob("*.Dockerfile"))
 OPERATOR_DOCKERFILE = REPO / "images" / "operator.Dockerfile"
 STAGE_DOCKERFILE = REPO / "images" / "triton-stage.Dockerfile"
+STAGE_CPU_DOCKERFILE = REPO / "images" / "triton-stage-cpu.Dockerfile"
+BUILD_SCRIPT = REPO / "images" / "build.sh"
 KIND_CONFIG = REPO / "kind-config.yaml"
 KIND_SCRIPT = REPO / "scripts" / "kind-demo.sh"
 
@@ -61,12 +63,6 @@ def dockerignore_allows(path: str) -> bool:
     return allowed
 
 
-def crd_default_stage_image() -> str:
-    crd = load_yaml(REPO / "crds" / "aiflow.io_aiflows.yaml")[0]
-    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    return spec["properties"]["triton"]["properties"]["image"]["default"]
-
-
 def crd_default_model_repository() -> str:
     crd = load_yaml(REPO / "crds" / "aiflow.io_aiflows.yaml")[0]
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
@@ -74,10 +70,10 @@ def crd_default_model_repository() -> str:
     return repo["default"]
 
 
-def script_default(name: str) -> str:
-    match = re.search(rf'^{name}="\$\{{{name}:-([^}}]+)\}}"', KIND_SCRIPT.read_text(), re.M) or \
-        re.search(rf'^{name}="([^"$]+)"', KIND_SCRIPT.read_text(), re.M)
-    assert match, f"{name} has no default in {KIND_SCRIPT.name}"
+def script_default(name: str, script: Path = KIND_SCRIPT) -> str:
+    match = re.search(rf'^{name}="\$\{{{name}:-([^}}]+)\}}"', script.read_text(), re.M) or \
+        re.search(rf'^{name}="([^"$]+)"', script.read_text(), re.M)
+    assert match, f"{name} has no default in {script.name}"
     return match.group(1)
 
 
@@ -135,15 +131,40 @@ def test_stage_image_serves_the_crd_default_repository_as_the_renderer_uid():
     assert user == f"{TRITON_UID}:{TRITON_UID}"
 
 
-def test_image_names_agree_across_chart_crd_script_and_dockerfiles():
+def test_cpu_stage_image_runs_the_rendered_pod_unchanged():
+    """The CPU image serves the CRD's default repository as the renderer's uid, with tritonserver on
+    PATH and the Python backend where Triton looks by default (the rendered args name neither)."""
+    text = STAGE_CPU_DOCKERFILE.read_text()
+    assert '"/tmp/src[flow]"' in text and '"numpy<2"' in text and "libpython" in text
+    repo = crd_default_model_repository()
+    assert any(arg.split()[-1].rstrip("/") == repo
+               for op, arg in instructions(STAGE_CPU_DOCKERFILE) if op == "COPY" and "model_repo" in arg)
+    user = [arg for op, arg in instructions(STAGE_CPU_DOCKERFILE) if op == "USER"][-1]
+    assert user == f"{TRITON_UID}:{TRITON_UID}"
+    assert "/opt/tritonserver/backends/python" in text and "PATH=/opt/venv/bin:/opt/tritonserver/bin" in text
+
+
+def test_image_names_agree_across_chart_api_scripts_and_dockerfiles():
+    from aiflow.api.images import CPU_STAGE_IMAGE, DEFAULT_TIER_IMAGES, GPU_STAGE_IMAGE
+
     chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
     operator_image = f"{values['image']['repository']}:{values['image']['tag'] or chart['appVersion']}"
+    stage = {k: f"{v['repository']}:{v['tag'] or chart['appVersion']}" for k, v in values["stageImages"].items()
+             if k in ("cpu", "gpu")}
+    assert stage == {"cpu": CPU_STAGE_IMAGE, "gpu": GPU_STAGE_IMAGE}
+    assert {t: stage[k] for t, k in values["stageImages"]["tiers"].items()} == DEFAULT_TIER_IMAGES
     assert script_default("OPERATOR_IMAGE") == operator_image
-    assert script_default("DEFAULT_STAGE_IMAGE") == crd_default_stage_image()
+    assert script_default("DEFAULT_STAGE_CPU_IMAGE") == CPU_STAGE_IMAGE
+    build = BUILD_SCRIPT.read_text()
+    for name, image in (("OPERATOR_IMAGE", operator_image), ("STAGE_CPU_IMAGE", CPU_STAGE_IMAGE),
+                        ("STAGE_IMAGE", GPU_STAGE_IMAGE)):
+        assert script_default(name, BUILD_SCRIPT).replace("$VERSION", chart["appVersion"]) == image
     assert f"-t {operator_image}" in OPERATOR_DOCKERFILE.read_text()
-    assert f"-t {crd_default_stage_image()}" in STAGE_DOCKERFILE.read_text()
-    assert crd_default_stage_image().endswith(":" + chart["appVersion"])
+    assert f"-t {GPU_STAGE_IMAGE}" in STAGE_DOCKERFILE.read_text()
+    assert f"-t {CPU_STAGE_IMAGE}" in STAGE_CPU_DOCKERFILE.read_text()
+    assert "images/build.sh" in KIND_SCRIPT.read_text() and "ENGINE=docker" in KIND_SCRIPT.read_text()
+    assert 'version = "' + chart["appVersion"] + '"' in (REPO / "pyproject.toml").read_text() and build
 
 
 def kind_nodes() -> list[dict]:
@@ -228,7 +249,7 @@ def test_make_targets_drive_the_kind_script():
                          capture_output=True, text=True, check=True).stdout
     assert "scripts/kind-demo.sh up" in out
     assert "scripts/kind-demo.sh down" in out
-    assert "scripts/kind-demo.sh images" in out
+    assert "images/build.sh operator stage-cpu" in out
 
 
 def test_kind_script_is_valid_bash_and_names_what_is_missing(tmp_path):
@@ -284,3 +305,25 @@ def test_the_package_builds_from_the_image_build_context_without_the_data_plane(
     base = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]
     assert base and not any(r.split()[0].lower().startswith(("torch", "tritonclient", "nvidia-pytriton",
                                                               "transformers")) for r in base), base
+
+
+def test_the_images_requirement_lists_are_the_package_requirements():
+    """images/*-requirements.txt (installed before the project, for layer caching) say what
+    pyproject.toml says: the base dependencies for the operator, plus the flow extra and the CPU torch
+    pin for the stage image."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base = project["dependencies"]
+    flow = [r for r in project["optional-dependencies"]["flow"] if not r.startswith("torch")]
+
+    def listed(name):
+        return [line.strip() for line in (REPO / "images" / name).read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    assert listed("operator-requirements.txt") == base
+    stage = listed("stage-requirements.txt")
+    assert stage[0] == "torch==2.13.0" and set(stage[1:]) == set(base) | set(flow)
+    assert 'TORCH_VERSION=2.13.0' in BUILD_SCRIPT.read_text()
+    for name in ("operator-requirements.txt", "stage-requirements.txt"):
+        assert dockerignore_allows(f"images/{name}")

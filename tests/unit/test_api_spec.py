@@ -21,8 +21,8 @@ def test_minimal_manifest_gets_the_crd_defaults():
     (stage,) = flow.stages
     assert stage == Stage(name="all", model="captioner", tier="auto", replicas=1,
                           resources={"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}})
-    triton_default = openapi_schema()["properties"]["spec"]["properties"]["triton"]["properties"]["image"]["default"]
-    assert flow.triton == Triton(image=triton_default)
+    assert "default" not in openapi_schema()["properties"]["spec"]["properties"]["triton"]["properties"]["image"]
+    assert flow.triton == Triton()  # no image named: the operator's default per tier
     assert flow.links == () and flow.objective.latency_ms is None
 
 
@@ -38,8 +38,8 @@ def test_every_field_is_parsed():
     flow = parse_flow(manifest(
         stages=[{"name": "head", "model": "vision_head", "tier": "device", "replicas": 2,
                  "parameters": {"splitLayer": 3, "codec": "int8", "decoding": "greedy"},
-                 "env": [{"name": "A", "value": "1"}, {"name": "B"}]}],
-        triton={"image": "img:1", "imagePullPolicy": "Always",
+                 "env": [{"name": "A", "value": "1"}, {"name": "B"}], "image": "own:1"}],
+        triton={"image": "img:1", "imagePullPolicy": "Always", "tierImages": {"edge": "edge:1"},
                 "modelRepository": {"path": "/m", "persistentVolumeClaim": {"claimName": "pvc", "subPath": "r"}}},
         links=[{"from": "device", "to": "edge", "bandwidthMbps": 2.5}],
         objective={"latencyMs": 100},
@@ -49,10 +49,37 @@ def test_every_field_is_parsed():
     assert stage.parameters == StageParameters(3, "int8", "greedy")
     assert stage.env == (("A", "1"), ("B", ""))
     assert flow.namespace == "ns"
-    assert flow.triton == Triton("img:1", "Always", ModelRepository("/m", "pvc", "r"))
+    assert stage.image == "own:1"
+    assert flow.triton == Triton("img:1", {"edge": "edge:1"}, "Always", ModelRepository("/m", "pvc", "r"))
     assert flow.links == (Link("device", "edge", 2.5, 0.0),)
     assert flow.objective.latency_ms == 100
     assert flow.rescheduling == Rescheduling(True, 10, 5, 20)
+
+
+def test_the_most_specific_image_wins_and_unnamed_ones_are_the_operators_tier_defaults():
+    from aiflow.api.images import CPU_STAGE_IMAGE, GPU_STAGE_IMAGE
+
+    plain, own = Stage("a", "m"), Stage("b", "m", image="own:1")
+    flow = parse_flow(manifest())
+    assert [flow.triton.image_for(plain, t) for t in ("device", "edge", "cloud")] == \
+        [CPU_STAGE_IMAGE, CPU_STAGE_IMAGE, GPU_STAGE_IMAGE]
+    flow = parse_flow(manifest(), default_images={"cloud": "gpu:2"})
+    assert flow.triton.image_for(plain, "cloud") == "gpu:2" and flow.triton.image_for(plain, "edge") == CPU_STAGE_IMAGE
+    flow = parse_flow(manifest(triton={"image": "all:1", "tierImages": {"edge": "edge:1"}}))
+    assert [flow.triton.image_for(plain, t) for t in ("device", "edge", "cloud")] == ["all:1", "edge:1", "all:1"]
+    assert flow.triton.image_for(own, "edge") == "own:1"
+
+
+def test_the_operators_tier_images_come_from_the_environment_with_clear_errors():
+    from aiflow.api.images import DEFAULT_TIER_IMAGES, configured_tier_images
+
+    assert configured_tier_images({}) == DEFAULT_TIER_IMAGES
+    assert configured_tier_images({"AIFLOW_STAGE_IMAGES": "cloud=c:1, edge=e:1"}) == \
+        {**DEFAULT_TIER_IMAGES, "cloud": "c:1", "edge": "e:1"}
+    with pytest.raises(ValueError, match=r"\$AIFLOW_STAGE_IMAGES: unknown tier 'moon'"):
+        configured_tier_images({"AIFLOW_STAGE_IMAGES": "moon=x:1"})
+    with pytest.raises(ValueError, match="is not TIER=IMAGE"):
+        configured_tier_images({"AIFLOW_STAGE_IMAGES": "edge"})
 
 
 def test_links_are_symmetric_unless_both_directions_are_declared():

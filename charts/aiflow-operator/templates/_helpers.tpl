@@ -48,6 +48,18 @@ app.kubernetes.io/part-of: aiflow
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 
+{{/* The operator's stage image per tier, as $AIFLOW_STAGE_IMAGES: device=IMAGE,edge=IMAGE,cloud=IMAGE. */}}
+{{- define "aiflow-operator.stageImages" -}}
+{{- $root := . -}}
+{{- $images := list -}}
+{{- range $tier := list "device" "edge" "cloud" -}}
+{{- $kind := index $root.Values.stageImages.tiers $tier -}}
+{{- $image := index $root.Values.stageImages $kind -}}
+{{- $images = append $images (printf "%s=%s:%s" $tier $image.repository ($image.tag | default $root.Chart.AppVersion)) -}}
+{{- end -}}
+{{- join "," $images -}}
+{{- end }}
+
 {{- define "aiflow-operator.peeringName" -}}
 {{- default (include "aiflow-operator.fullname" .) .Values.peering.name }}
 {{- end }}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aiflow.api.images import DEFAULT_TIER_IMAGES, configured_tier_images
 from aiflow.api.schema import apply_defaults
 
 AUTO = "auto"
@@ -55,6 +56,7 @@ class Stage:
     env: tuple[tuple[str, str | ValueFrom], ...] = ()  # name -> value, or where to take it from
     serving: dict = field(default_factory=dict)  # spec.stages[].serving as written (aiflow.serving reads it)
     autoscaling: dict | None = None  # spec.stages[].autoscaling: minReplicas, maxReplicas, targetQueueMilliseconds
+    image: str | None = None  # this stage's own image (spec.stages[].image)
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,17 @@ class ModelRepository:
 
 @dataclass(frozen=True)
 class Triton:
-    image: str
+    image: str | None = None  # spec.triton.image: every stage's, unless its tier or itself names one
+    tier_images: dict[str, str] = field(default_factory=dict)  # spec.triton.tierImages
     image_pull_policy: str = "IfNotPresent"
     model_repository: ModelRepository = ModelRepository()
+    # The operator's image per tier for flows that name none (aiflow.api.images).
+    default_images: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TIER_IMAGES))
+
+    def image_for(self, stage: "Stage", tier: str) -> str:
+        """The image of `stage` placed on `tier`: the stage's own, else its tier's, else the flow's,
+        else the operator's default for the tier."""
+        return stage.image or self.tier_images.get(tier) or self.image or self.default_images[tier]
 
 
 @dataclass(frozen=True)
@@ -122,9 +132,10 @@ class Flow:
         return None
 
 
-def parse_flow(manifest: dict, namespace: str = "default") -> Flow:
+def parse_flow(manifest: dict, namespace: str = "default", default_images: dict[str, str] | None = None) -> Flow:
     """A validated AIFlow manifest -> Flow, with the CRD's defaults applied. `namespace` is used
-    when the manifest does not name one."""
+    when the manifest does not name one; `default_images` are the stage images per tier of a flow
+    that names none (default: the operator's, `configured_tier_images`)."""
     doc = apply_defaults(manifest)
     meta = doc.get("metadata") or {}
     spec = doc["spec"]
@@ -134,7 +145,7 @@ def parse_flow(manifest: dict, namespace: str = "default") -> Flow:
         uid=meta.get("uid", ""),
         generation=int(meta.get("generation") or 0),
         stages=tuple(_stage(s) for s in spec["stages"]),
-        triton=_triton(spec["triton"]),
+        triton=_triton(spec["triton"], configured_tier_images() if default_images is None else default_images),
         links=tuple(
             Link(l["from"], l["to"], float(l["bandwidthMbps"]), float(l.get("rttMs", 0)))
             for l in spec.get("links") or ()
@@ -162,6 +173,7 @@ def _stage(s: dict) -> Stage:
         env=tuple((e["name"], _env_value(e)) for e in s.get("env") or ()),
         serving=dict(s.get("serving") or {}),
         autoscaling=dict(s["autoscaling"]) if s.get("autoscaling") else None,
+        image=s.get("image"),
     )
 
 
@@ -174,11 +186,13 @@ def _env_value(e: dict) -> str | ValueFrom:
     return e.get("value", "")
 
 
-def _triton(t: dict) -> Triton:
+def _triton(t: dict, default_images: dict[str, str]) -> Triton:
     repo = t["modelRepository"]
     pvc = repo.get("persistentVolumeClaim") or {}
     return Triton(
-        image=t["image"],
+        image=t.get("image"),
+        tier_images=dict(t.get("tierImages") or {}),
+        default_images={**DEFAULT_TIER_IMAGES, **default_images},
         image_pull_policy=t["imagePullPolicy"],
         model_repository=ModelRepository(
             path=repo["path"], claim_name=pvc.get("claimName"), sub_path=pvc.get("subPath") or None

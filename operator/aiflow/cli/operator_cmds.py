@@ -22,6 +22,22 @@ NODES_HELP = (
 )
 
 
+STAGE_IMAGE_HELP = (
+    "image of the stages placed on TIER when the AIFlow names none (repeatable; default: "
+    "$AIFLOW_STAGE_IMAGES, else the CPU stage image on device and edge and the GPU one on cloud)"
+)
+
+
+def _stage_images(args) -> dict[str, str]:
+    """The operator's image per tier: $AIFLOW_STAGE_IMAGES and the built-in defaults, then --stage-image."""
+    from aiflow.api.images import configured_tier_images, parse_tier_images
+
+    try:
+        return {**configured_tier_images(), **parse_tier_images(args.stage_image or (), "--stage-image")}
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "operator", help="run the AIFlow operator against the cluster of the current kubeconfig",
@@ -43,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resync-seconds", type=float, metavar="S",
                    help="seconds between periodic re-checks of every flow "
                    "(default: $AIFLOW_RESYNC_SECONDS or 30)")
+    p.add_argument("--stage-image", action="append", metavar="TIER=IMAGE", help=STAGE_IMAGE_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="log every handler call")
     p.set_defaults(func=cmd_operator)
 
@@ -63,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", metavar="NODES.yaml", help=NODES_HELP)
     p.add_argument("--namespace", default=None, metavar="NS",
                    help="namespace when the manifest names none (default: default)")
+    p.add_argument("--stage-image", action="append", metavar="TIER=IMAGE", help=STAGE_IMAGE_HELP)
     p.set_defaults(func=cmd_render)
 
 
@@ -129,13 +147,14 @@ def cmd_render(args) -> int:
     from aiflow.planner.placement import resolve_placement
 
     cluster = _cluster(args.nodes)
+    images = _stage_images(args)
     objects = []
     for i, doc in enumerate(read_flows(args.filename)):
         problems = validate_manifest(doc, cluster=cluster)
         if problems:
             lines = "\n".join(f"  {p}" for p in problems)
             raise CLIError(f"{flow_label(doc, i)} is not valid; nothing rendered:\n{lines}")
-        flow = parse_flow(doc, args.namespace or "default")
+        flow = parse_flow(doc, args.namespace or "default", default_images=images)
         if args.namespace and flow.namespace != args.namespace:
             raise CLIError(f"{flow_label(doc, i)} names namespace {flow.namespace}, not {args.namespace}")
         # A new flow starts at revision 1, serving itself: what reconcile applies first, its
@@ -154,6 +173,10 @@ def cmd_operator(args) -> int:
         if args.resync_seconds <= 0:
             raise CLIError("--resync-seconds must be positive")
         os.environ["AIFLOW_RESYNC_SECONDS"] = str(args.resync_seconds)
+    from aiflow.api.images import STAGE_IMAGES_ENV
+
+    # Every parse_flow of the reconcile reads the operator's per-tier defaults from here.
+    os.environ[STAGE_IMAGES_ENV] = ",".join(f"{t}={i}" for t, i in _stage_images(args).items())
     import kopf
 
     import aiflow.controller.handlers  # noqa: F401  registers the handlers

@@ -21,7 +21,7 @@ HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 CONFIG_HASH_ANNOTATION = "aiflow.io/config-hash"
 MODEL_ANNOTATION = "aiflow.io/model"
 TIER_ANNOTATION = "aiflow.io/tier"
-TRITON_UID = 1000  # the `triton-server` user of the NVIDIA Triton images
+TRITON_UID = 1000  # the `triton-server` user of the NVIDIA Triton images and of the CPU stage image
 CONTAINER = "triton"
 MODEL_VOLUME = "model-repository"
 # Triton waits this long for in-flight requests when told to stop; the kubelet's SIGKILL must come
@@ -244,7 +244,7 @@ def _pod_security() -> dict:
 def _container(flow: Flow, stage: Stage, placed: StagePlacement, successor: Stage | None, mounts: list[dict]) -> dict:
     return {
         "name": CONTAINER,
-        "image": flow.triton.image,
+        "image": flow.triton.image_for(stage, placed.tier),
         "imagePullPolicy": flow.triton.image_pull_policy,
         "command": ["tritonserver"],
         "args": triton_args(flow, stage),
