@@ -117,10 +117,11 @@ def parse_cpu(cpu: str | float | int | None) -> float | None:
     """A Kubernetes CPU quantity ("500m", "2", 1.5) in cores; None when absent."""
     if cpu in (None, ""):
         return None
-    text = str(cpu).strip()
+    from kubernetes.utils import parse_quantity  # the parser the planner, renderer and apply use
+
     try:
-        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-    except ValueError:
+        return float(parse_quantity(str(cpu).strip()))
+    except (TypeError, ValueError):
         raise ServingError(f"CPU request {cpu!r} is not a Kubernetes quantity (e.g. 500m or 2)") from None
 
 

@@ -41,7 +41,7 @@ from aiflow.controller.status import (
     ABNORMAL_TRUE, PLAN_FIELDS, READY, Observation, build_status, changed_conditions, deployments_by_stage,
     hop_links, load_failure, readiness_signature, rolled_out, stage_states, status_patch, stuck_reason,
 )
-from aiflow.render.manifests import MODEL_ANNOTATION
+from aiflow.render.manifests import MODEL_ANNOTATION, stage_serving
 from aiflow.planner.cluster import cluster_state, declared_links
 from aiflow.planner.migration import SWITCHING, Move
 from aiflow.render.names import STAGE_LABEL, flow_selector, selector_string
@@ -145,15 +145,13 @@ def with_stage_load(state, flow, placement, measured) -> object:
     stage placed there, per instance (its busy share over replicas x Triton instances)."""
     from dataclasses import replace as _replace
 
-    from aiflow.serving import from_spec
-
     tiers = dict(placement)
     busy: dict[str, float] = {}
     for name, times in measured:
         if times.busy is None or name not in tiers:
             continue
         stage = flow.stage(name)
-        per_instance = times.busy / max(1, stage.replicas * from_spec(stage.serving, (stage.resources.get("requests") or {}).get("cpu")).instances)
+        per_instance = times.busy / max(1, stage.replicas * stage_serving(stage).instances)
         busy[tiers[name]] = max(busy.get(tiers[name], 0.0), per_instance)
     if not busy:
         return state
